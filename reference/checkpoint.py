@@ -1,0 +1,209 @@
+"""Hugging Face checkpoints: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
+
+Tensors keep HF's key names. Files are memory-mapped: a tensor whose dtype already matches the requested one
+is a read-only view of the file, never a copy. BF16 is read through ml_dtypes. Every error names the tensor
+(or file) at fault.  Shape legend: reference/config.py.
+"""
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
+}
+SUPPORTED_MODEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Prefixes a base-model tensor may carry: "model." in HF's CausalLM and SequenceClassification checkpoints,
+# "transformer." being JetMoePreTrainedModel.base_model_prefix.
+BASE_PREFIXES = ("model.", "transformer.")
+HEAD_TENSORS = {"base": (), "causal_lm": ("lm_head.weight",), "sequence_classification": ("score.weight",)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file or tensor and what is wrong."""
+
+
+def model_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_MODEL_DTYPES:
+        raise TypeError(f"dtype={dtype} is not supported by the reference: use np.float32 (default) or np.float64")
+    return dtype
+
+
+def base_parameter_shapes(config):
+    """HF name (without prefix) -> shape for JetMoeModel."""
+    D, E, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_key_value_heads,
+                         config.kv_channels, config.intermediate_size, config.vocab_size)
+    shapes = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    for i in range(config.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,),
+            p + "self_attention.kv_proj.weight": (2 * H * Dh, D),
+            p + "self_attention.experts.bias": (D,),
+            p + "self_attention.experts.input_linear.weight": (E, H * Dh, D),
+            p + "self_attention.experts.output_linear.weight": (E, D, H * Dh),
+            p + "self_attention.experts.router.layer.weight": (E, D),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.bias": (D,),
+            p + "mlp.input_linear.weight": (E, 2 * F, D),
+            p + "mlp.output_linear.weight": (E, D, F),
+            p + "mlp.router.layer.weight": (E, D),
+        })
+    return shapes
+
+
+def head_parameter_shapes(config, head):
+    """HF name -> shape of the tensors a head adds on top of the base model."""
+    return {"base": {}, "causal_lm": {"lm_head.weight": (config.vocab_size, config.hidden_size)},
+            "sequence_classification": {"score.weight": (config.num_labels, config.hidden_size)}}[head]
+
+
+def _read_header(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file: header claims {header_len} "
+                                  f"bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + header_len, size
+
+
+def read_safetensors(path):
+    """name -> read-only memory-mapped array, for every tensor of one .safetensors file."""
+    header, data_start, size = _read_header(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} is corrupt: shape {list(shape)} {dtype_name} needs "
+                                  f"{expected} bytes, header gives offsets [{begin}, {end})")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end} "
+                                  f"but the file has {size} bytes")
+        tensors[name] = mapped[data_start + begin:data_start + end].view(dtype).reshape(shape)
+    return tensors
+
+
+def read_checkpoint_tensors(path):
+    """All tensors of an HF model directory: model.safetensors, or the shards its index lists."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
+    with open(index) as f:
+        try:
+            weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(path, shard)
+        if not os.path.isfile(shard_path):
+            raise CheckpointError(f"{index} lists shard {shard!r}, which is missing")
+        shard_tensors = read_safetensors(shard_path)
+        for name, file in weight_map.items():
+            if file == shard:
+                if name not in shard_tensors:
+                    raise CheckpointError(f"{index} puts tensor {name!r} in {shard!r}, which does not contain it")
+                tensors[name] = shard_tensors[name]
+    return tensors
+
+
+def _strip_base_prefix(tensors):
+    """Map base-model tensors to prefix-free names, whichever of BASE_PREFIXES the checkpoint used."""
+    out = {}
+    for name, value in tensors.items():
+        for prefix in BASE_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        out[name] = value
+    return out
+
+
+def select_tensors(tensors, config, head, dtype):
+    """Validate raw checkpoint tensors for `head` and convert them to `dtype`.
+
+    Returns (base tensors by prefix-free name, head tensors by name). Missing, unexpected and mis-shaped
+    tensors are errors that name every offender. A base model ignores a head's tensors, as HF does when a
+    JetMoeModel loads a CausalLM checkpoint; a tied lm_head is taken from embed_tokens.
+    """
+    dtype = model_dtype(dtype)
+    tensors = _strip_base_prefix(tensors)
+    expected = dict(base_parameter_shapes(config))
+    expected.update(head_parameter_shapes(config, head))
+    tied = head == "causal_lm" and config.tie_word_embeddings
+    ignorable = {n for h in HEAD_TENSORS.values() for n in h} - set(HEAD_TENSORS[head])
+    if tied:
+        ignorable.add("lm_head.weight")  # HF drops it on save and re-ties it on load
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - ignorable)
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:8])}"
+                              + (" ..." if len(unexpected) > 8 else ""))
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)} in the checkpoint, "
+                                  f"the config needs {list(shape)}")
+        if not np.issubdtype(tensors[name].dtype, np.floating) and tensors[name].dtype != ml_dtypes.bfloat16:
+            raise CheckpointError(f"tensor {name!r} has non-float dtype {tensors[name].dtype}")
+    converted = {name: tensors[name] if tensors[name].dtype == dtype else tensors[name].astype(dtype)
+                 for name in expected}
+    if tied:
+        converted["lm_head.weight"] = converted["embed_tokens.weight"]
+    head_names = set(head_parameter_shapes(config, head))
+    base = {n: t for n, t in converted.items() if n not in head_names}
+    return base, {n: t for n, t in converted.items() if n in head_names}
+
+
+def write_checkpoint(path, config, tensors):
+    """Write config.json and model.safetensors (HF names, HF's 'pt' format tag) so transformers can load them."""
+    from safetensors.numpy import save_file
+    config.save_pretrained(path)
+    save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def random_parameters(config, head, rng, std=0.1, dtype=np.float64):
+    """Random tensors with every parameter non-trivial (biases != 0, norm weights != 1): for tests and benches."""
+    shapes = dict(base_parameter_shapes(config))
+    shapes.update(head_parameter_shapes(config, head))
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            out[name] = rng.uniform(0.5, 1.5, size=shape).astype(dtype)
+        else:
+            out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+    return out

@@ -1,0 +1,130 @@
+"""JetMoE hyper-parameters: the same fields, defaults and config.json format as HF's `JetMoeConfig`.
+
+Shape legend (used in every file of this package):
+  B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads,
+  Dh head dim, F intermediate, V vocab, L layers.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+# Keys HF writes into config.json that carry no meaning for the math; kept so a round trip loses nothing.
+_PASSTHROUGH_DEFAULTS = {"model_type": "jetmoe", "architectures": ["JetMoeForCausalLM"]}
+
+
+@dataclass
+class JetMoeConfig:
+    vocab_size: int = 32000  # V
+    hidden_size: int = 2048  # D
+    num_hidden_layers: int = 12  # L
+    num_key_value_heads: int = 16  # H
+    kv_channels: int = 128  # Dh
+    intermediate_size: int = 5632  # F
+    max_position_embeddings: int = 4096
+    activation_function: str = "silu"
+    num_local_experts: int = 8  # E
+    num_experts_per_tok: int = 2  # K
+    output_router_logits: bool = False
+    aux_loss_coef: float = 0.01
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.01
+    attention_dropout: float = 0.0
+    num_labels: int = 2
+    problem_type: str | None = None
+    extra: dict = field(default_factory=dict)  # every other config.json key, written back unchanged
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def num_attention_heads(self):
+        """K*H query heads: each of the K chosen attention experts owns H query heads (HF derives it the same way)."""
+        return self.num_key_value_heads * self.num_experts_per_tok
+
+    def validate(self):
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+                    "intermediate_size", "max_position_embeddings", "num_local_experts", "num_experts_per_tok"]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"JetMoeConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"JetMoeConfig.num_experts_per_tok (top-k K={self.num_experts_per_tok}) must be <= "
+                f"num_local_experts (E={self.num_local_experts})")
+        if self.kv_channels % 2:
+            raise ValueError(
+                f"JetMoeConfig.kv_channels (Dh={self.kv_channels}) must be even: RoPE's rotate_half splits Dh in two")
+        if self.activation_function != "silu":
+            raise ValueError(f"JetMoeConfig.activation_function={self.activation_function!r} is not supported; "
+                             "JetMoE's SwiGLU experts use 'silu'")
+        if not (self.rms_norm_eps > 0):
+            raise ValueError(f"JetMoeConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not (self.rope_theta > 0):
+            raise ValueError(f"JetMoeConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type != "default":
+                raise ValueError(f"JetMoeConfig.rope_scaling={self.rope_scaling!r} is not supported: "
+                                 "only default RoPE (rope_scaling=None) is implemented")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"JetMoeConfig.pad_token_id={self.pad_token_id} is outside [0, {self.vocab_size})")
+        if not isinstance(self.num_labels, int) or self.num_labels <= 0:
+            raise ValueError(f"JetMoeConfig.num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(f"JetMoeConfig.problem_type={self.problem_type!r} is not one of HF's problem types")
+
+    @property
+    def eos_token_ids(self):
+        """eos_token_id as a list (HF allows an int or a list)."""
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @classmethod
+    def from_dict(cls, values):
+        values = dict(values)
+        names = {f.name for f in fields(cls)} - {"extra"}
+        if "num_labels" not in values and "id2label" in values:
+            values["num_labels"] = len(values["id2label"])  # HF stores num_labels only through id2label
+        known = {k: values.pop(k) for k in list(values) if k in names}
+        values.pop("num_attention_heads", None)  # derived, never an input (HF recomputes it too)
+        return cls(**known, extra=values)
+
+    def to_dict(self):
+        out = dict(_PASSTHROUGH_DEFAULTS)
+        out.update(self.extra)
+        for f in fields(self):
+            if f.name not in ("extra", "num_labels"):
+                out[f.name] = getattr(self, f.name)
+        out["num_attention_heads"] = self.num_attention_heads
+        if len(self.extra.get("id2label", {})) != self.num_labels:  # HF keeps num_labels as len(id2label)
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path):
+        config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json at {config_path!r}")
+        with open(config_path) as f:
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        return cls.from_dict(values)
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)

@@ -1,0 +1,71 @@
+"""Losses, as HF computes them.  Shape legend: reference/config.py.
+
+All run in float32 or better (HF upcasts logits with `.float()` before the loss).
+"""
+
+import numpy as np
+
+from .precision import compute_dtype
+from .routing import softmax, top_k_of
+
+IGNORE_INDEX = -100
+
+
+def log_softmax(x):
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def cross_entropy(logits, labels):
+    # logits: [M, C], labels: [M] int (IGNORE_INDEX skipped) -> mean over kept rows (NaN if none, as torch)
+    logits = logits.astype(compute_dtype(logits.dtype), copy=False)
+    keep = labels != IGNORE_INDEX
+    picked = log_softmax(logits[keep])[np.arange(int(keep.sum())), labels[keep]]
+    with np.errstate(invalid="ignore"):
+        return -np.sum(picked) / picked.dtype.type(keep.sum())
+
+
+def causal_lm_loss(logits, labels):
+    # logits: [B, T, V], labels: [B, T] -> scalar. HF ForCausalLMLoss: position t predicts labels[t+1]
+    shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+
+
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+    # router_logits: 2L x [N, E] (N = B*T), attention_mask: [B, T] or None -> scalar
+    # Switch Transformer eqs. (4)-(6), as HF's load_balancing_loss_func: E * sum_e f_e * P_e, where f_e is the
+    # fraction of (token, choice) slots routed to e (kept per choice k) and P_e the mean router probability.
+    logits = np.concatenate(router_logits, axis=0)  # [2L*N, E]
+    probs = softmax(logits, axis=-1)  # [2L*N, E]
+    chosen = top_k_of(probs, top_k)  # [2L*N, K]
+    expert_mask = (chosen[..., None] == np.arange(num_experts)).astype(probs.dtype)  # [2L*N, K, E]
+    if attention_mask is None:
+        tokens_per_expert = expert_mask.mean(axis=0)  # [K, E]
+        router_prob_per_expert = probs.mean(axis=0)  # [E]
+    else:
+        sets = len(router_logits)
+        keep = np.tile(attention_mask.reshape(-1), sets).astype(probs.dtype)  # [2L*N]
+        tokens_per_expert = np.sum(expert_mask * keep[:, None, None], axis=0) / np.sum(keep)  # [K, E]
+        router_prob_per_expert = np.sum(probs * keep[:, None], axis=0) / np.sum(keep)  # [E]
+    return np.sum(tokens_per_expert * router_prob_per_expert[None]) * num_experts
+
+
+def sequence_classification_loss(pooled_logits, labels, num_labels, problem_type):
+    # pooled_logits: [B, C], labels: [B] or [B, C] -> scalar. HF ForSequenceClassificationLoss.
+    logits = pooled_logits.astype(compute_dtype(pooled_logits.dtype), copy=False)
+    if problem_type is None:  # HF infers it from num_labels and the labels' dtype
+        if num_labels == 1:
+            problem_type = "regression"
+        elif np.issubdtype(labels.dtype, np.integer):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        if num_labels == 1:
+            return np.mean((np.squeeze(logits) - np.squeeze(labels).astype(logits.dtype)) ** 2)
+        return np.mean((logits - labels.astype(logits.dtype)) ** 2)
+    if problem_type == "single_label_classification":
+        return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+    # multi_label_classification: BCEWithLogits, mean; log(1+exp(-|x|)) form for stability as torch
+    y = labels.astype(logits.dtype)
+    return np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))

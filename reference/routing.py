@@ -1,0 +1,70 @@
+"""Top-k gating and the dispatch plan shared by the MoA and the MoE.  Shape legend: reference/config.py.
+
+HF JetMoeTopKGating: logits = x @ Wr^T (float32 or better); take the top-k logits; softmax over only those k;
+then group the N*K (token, choice) slots by expert. Slot s = n*K + k is token n's k-th choice.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import trace
+from .precision import compute_dtype
+
+
+@dataclass
+class RoutingPlan:
+    logits: np.ndarray  # [N, E] router logits, float32 or better
+    top_k_indices: np.ndarray  # [N, K] int64 expert ids, best first
+    top_k_gates: np.ndarray  # [N, K] softmax over the chosen K logits, in the model dtype
+    sorted_slots: np.ndarray  # [N*K] slot ids (n*K + k) grouped by expert (stable within an expert)
+    expert_offsets: np.ndarray  # [E+1] slots of expert e are sorted_slots[offsets[e]:offsets[e+1]]
+
+    @property
+    def top_k(self):
+        return self.top_k_indices.shape[1]
+
+    @property
+    def sorted_tokens(self):
+        # [N*K] token id of each grouped slot
+        return self.sorted_slots // self.top_k
+
+    def expert_groups(self):
+        """Yields (expert, slice into the grouped order) for each expert that received tokens."""
+        for e in range(len(self.expert_offsets) - 1):
+            start, end = self.expert_offsets[e], self.expert_offsets[e + 1]
+            if end > start:
+                yield e, slice(start, end)
+
+
+def top_k_of(logits, k):
+    # logits: [N, E] -> indices [N, K] sorted by logit, largest first (torch.topk order)
+    if k == logits.shape[1]:
+        candidates = np.broadcast_to(np.arange(k), logits.shape)
+    else:
+        candidates = np.argpartition(-logits, k - 1, axis=1)[:, :k]  # [N, K] unordered
+    order = np.argsort(-np.take_along_axis(logits, candidates, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+
+
+def softmax(x, axis=-1):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def top_k_gating(x, router_weight, top_k):
+    # x: [N, D], router_weight: [E, D] -> RoutingPlan
+    num_experts = router_weight.shape[0]
+    logits = (x @ router_weight.T).astype(compute_dtype(x.dtype), copy=False)  # [N, E]
+    top_k_indices = top_k_of(logits, top_k)  # [N, K]
+    top_k_logits = np.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
+    top_k_gates = softmax(top_k_logits, axis=1).astype(x.dtype, copy=False)  # [N, K]
+    flat_experts = top_k_indices.reshape(-1)  # [N*K]
+    sorted_slots = np.argsort(flat_experts, kind="stable")  # [N*K]
+    counts = np.bincount(flat_experts, minlength=num_experts)  # [E]
+    expert_offsets = np.concatenate([[0], np.cumsum(counts)])  # [E+1]
+    trace.record("logits", logits)
+    trace.record("top_k_indices", top_k_indices)
+    trace.record("top_k_gates", top_k_gates)
+    return RoutingPlan(logits, top_k_indices, top_k_gates, sorted_slots, expert_offsets)
