@@ -1,0 +1,263 @@
+"""The Hugging Face side of our parity checks: builds HF's JetMoe (transformers==4.56.2, CPU torch) and runs it.
+
+Used by scripts/make_goldens.py and tests/test_oracle.py only; the `reference` package never imports this.
+
+float64 oracle: HF casts six things to float32 whatever the model dtype (RMSNorm, RoPE angles and the
+inv_freq buffer, router logits, the eager attention softmax, the causal-LM loss, the aux loss's expert counts),
+so a float64 HF model only carries float32 precision there. `float64_precision()` re-executes exactly those HF methods with each
+`float32` replaced by "float32 or better" (torch.promote_types(dtype, float32)); every replaced expression is listed in
+PATCHES below and must occur in HF's source as written. float32 runs use HF unpatched.
+"""
+
+import contextlib
+import inspect
+import math
+import textwrap
+
+import numpy as np
+import torch
+import transformers
+from transformers.loss import loss_utils
+from transformers.models.jetmoe import modeling_jetmoe as hf
+
+REQUIRED_TRANSFORMERS = "4.56.2"
+_HI = "torch.promote_types({}, torch.float32)"
+
+PATCHES = [
+    (hf.JetMoeRMSNorm, "forward", [
+        ("hidden_states = hidden_states.to(torch.float32)",
+         "hidden_states = hidden_states.to(" + _HI.format("input_dtype") + ")")]),
+    (hf.JetMoeTopKGating, "forward", [
+        ("logits = self.layer(hidden_states).float()",
+         "logits = self.layer(hidden_states).to(" + _HI.format("hidden_states.dtype") + ")")]),
+    (hf.JetMoeRotaryEmbedding, "forward", [
+        ("self.inv_freq[None, :, None].float()", "self.inv_freq[None, :, None].to(" + _HI.format("x.dtype") + ")"),
+        ("position_ids[:, None, :].float()", "position_ids[:, None, :].to(" + _HI.format("x.dtype") + ")"),
+        ("(inv_freq_expanded.float() @ position_ids_expanded.float())", "(inv_freq_expanded @ position_ids_expanded)")]),
+    (hf.JetMoeAttention, "forward", [
+        ("softmax(attn_weights, dim=-1, dtype=torch.float32)",
+         "softmax(attn_weights, dim=-1, dtype=" + _HI.format("attn_weights.dtype") + ")")]),
+    (hf, "load_balancing_loss_func", [("expert_mask.float()", "expert_mask.to(routing_weights.dtype)")]),
+]
+
+
+def check_versions():
+    if transformers.__version__ != REQUIRED_TRANSFORMERS:
+        raise RuntimeError(f"the oracle needs transformers=={REQUIRED_TRANSFORMERS}, found {transformers.__version__}")
+
+
+def _patched(func, substitutions, namespace):
+    source = textwrap.dedent(inspect.getsource(func))
+    for old, new in substitutions:
+        if old not in source:
+            raise RuntimeError(f"HF source of {func.__qualname__} no longer contains {old!r}")
+        source = source.replace(old, new)
+    scope = {}
+    exec(compile(source, f"<float64 oracle: {func.__qualname__}>", "exec"), namespace, scope)
+    return scope[func.__name__]
+
+
+@contextlib.contextmanager
+def float64_precision():
+    """Within: HF JetMoe computes its float32 islands in float64 for float64 models (unchanged otherwise)."""
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in PATCHES]
+    try:
+        for owner, name, subs in PATCHES:
+            setattr(owner, name, _patched(vars(owner)[name], subs, vars(hf)))
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def causal_lm_loss(logits, labels, vocab_size):
+    """HF ForCausalLMLoss with its `logits.float()` made float32-or-better (identical for float32 logits)."""
+    patched = _patched(loss_utils.ForCausalLMLoss,
+                       [("logits = logits.float()", "logits = logits.to(" + _HI.format("logits.dtype") + ")")],
+                       vars(loss_utils))
+    return patched(logits, labels, vocab_size)
+
+
+def set_inv_freq_precision(model):
+    """HF's default RoPE init (1 / base ** (arange(0, dim, 2) / dim)), evaluated in the model's dtype."""
+    for module in model.modules():
+        if isinstance(module, hf.JetMoeRotaryEmbedding):
+            cfg = module.config
+            dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+            dim = cfg.kv_channels
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+            module.inv_freq = inv_freq
+            module.original_inv_freq = inv_freq
+
+
+def hf_config(config_dict):
+    """transformers.JetMoeConfig from our config.json dict, eager attention (so attentions can be returned)."""
+    values = {k: v for k, v in config_dict.items() if k not in ("num_attention_heads", "architectures", "model_type")}
+    cfg = transformers.JetMoeConfig(**values)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def randomize(model, seed, clear_margin=True):
+    """Every parameter random, biases and norm weights included (HF's init leaves them 0 and 1, hiding bugs).
+
+    Scales keep activations O(1), so router logits are spread out and top-k margins are clear.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float64))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            elif name.endswith("router.layer.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 2.0 / math.sqrt(p.shape[-1]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(p.shape[-1]))
+
+
+def top_k_margin(router_logits, k):
+    """Smallest gap between the k-th and (k+1)-th router logit over all tokens and layers (inf when K = E)."""
+    margins = []
+    for logits in router_logits:
+        sorted_logits = torch.sort(logits.double(), dim=-1, descending=True).values
+        if k < sorted_logits.shape[-1]:
+            margins.append(float((sorted_logits[:, k - 1] - sorted_logits[:, k]).min()))
+    return min(margins) if margins else math.inf
+
+
+def to_numpy(t):
+    return t.detach().cpu().numpy()
+
+
+def hf_generation_positions(attention_mask):
+    """position_ids as HF's prepare_inputs_for_generation makes them from a (left-)padded mask."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+def cache_tensors(past_key_values, prefix="past_key_values"):
+    """HF DynamicCache -> {prefix.i.key: [B, H, S, Dh], prefix.i.value: ...}."""
+    out = {}
+    for i, layer in enumerate(past_key_values.layers):
+        out[f"{prefix}.{i}.key"] = to_numpy(layer.keys)
+        out[f"{prefix}.{i}.value"] = to_numpy(layer.values)
+    return out
+
+
+def np_inputs(d):
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
+
+
+def load_hf(model_dir, dtype, head="causal_lm"):
+    """HF's own from_pretrained on a checkpoint directory; float64 also gets float64 RoPE frequencies."""
+    cls = {"causal_lm": hf.JetMoeForCausalLM, "sequence_classification": hf.JetMoeForSequenceClassification}[head]
+    model = cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").eval()
+    if dtype == torch.float64:
+        set_inv_freq_precision(model)
+    return model
+
+
+def run_causal_lm(model, inputs):
+    """Every scenario the parity tests check, on HF, as {name: float64/int64 array}.
+
+    inputs (NumPy): input_ids [B,T], labels [B,T], padded_ids / padded_mask [B,T] (left padding),
+    inputs_embeds [B,T,D], decode_splits [3] (token counts of three cached forwards), keep_index [k].
+    """
+    t = np_inputs(inputs)
+    cfg = model.config
+    out = {}
+    with torch.no_grad():
+        full = model(input_ids=t["input_ids"], labels=t["labels"], output_attentions=True,
+                     output_hidden_states=True, use_cache=True)
+        out["logits"] = to_numpy(full.logits)
+        out["loss"] = to_numpy(causal_lm_loss(full.logits, t["labels"], cfg.vocab_size))
+        if model.dtype == torch.float32:  # the helper must be HF's own loss path where no patch applies
+            assert torch.equal(full.loss, torch.as_tensor(out["loss"])), (full.loss, out["loss"])
+        for i, h in enumerate(full.hidden_states):
+            out[f"hidden_states.{i}"] = to_numpy(h)
+        for i, a in enumerate(full.attentions):
+            out[f"attentions.{i}"] = to_numpy(a)
+        out.update(cache_tensors(full.past_key_values))
+        # HF's JetMoeForCausalLM crashes when asked for router logits (transformers#31791), so the aux loss
+        # oracle is HF's load_balancing_loss_func on JetMoeModel's router logits, as the issue specifies.
+        base = model.model(input_ids=t["input_ids"], output_router_logits=True)
+        for i, r in enumerate(base.router_logits):
+            out[f"router_logits.{i}"] = to_numpy(r)
+        aux = hf.load_balancing_loss_func(base.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+        out["aux_loss"] = to_numpy(aux)
+        out["loss_with_aux"] = to_numpy(causal_lm_loss(full.logits, t["labels"], cfg.vocab_size)
+                                        + cfg.aux_loss_coef * aux)
+        out["router_margin"] = np.array(top_k_margin(base.router_logits, cfg.num_experts_per_tok))
+
+        positions = hf_generation_positions(t["padded_mask"])
+        padded = model(input_ids=t["padded_ids"], attention_mask=t["padded_mask"], position_ids=positions)
+        out["padded.logits"] = to_numpy(padded.logits)
+        base = model.model(input_ids=t["padded_ids"], attention_mask=t["padded_mask"], position_ids=positions,
+                           output_router_logits=True)
+        out["padded.aux_loss"] = to_numpy(hf.load_balancing_loss_func(
+            base.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, t["padded_mask"]))
+
+        cache, start = None, 0
+        for step, n in enumerate(inputs["decode_splits"]):
+            ids = t["input_ids"][:, start:start + int(n)]
+            step_out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache, start = step_out.past_key_values, start + int(n)
+            out[f"decode.{step}.logits"] = to_numpy(step_out.logits)
+
+        out["embeds.logits"] = to_numpy(model(inputs_embeds=t["inputs_embeds"].to(model.dtype)).logits)
+        out["keep_last.logits"] = to_numpy(model(input_ids=t["input_ids"], logits_to_keep=3).logits)
+        out["keep_index.logits"] = to_numpy(model(input_ids=t["input_ids"], logits_to_keep=t["keep_index"]).logits)
+
+        prompt = t["input_ids"][:, : inputs["prompt_length"]]
+        out["generate.tokens"] = to_numpy(model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                        max_new_tokens=inputs["max_new_tokens"].item(),
+                                                        do_sample=False))
+        out["generate_padded.tokens"] = to_numpy(model.generate(
+            t["padded_ids"], attention_mask=t["padded_mask"], max_new_tokens=inputs["max_new_tokens"].item(),
+            do_sample=False))
+    return out
+
+
+def run_sequence_classification(model, inputs):
+    """Pooled logits and the three HF problem types' losses on the left-padded batch."""
+    t = np_inputs(inputs)
+    out = {}
+    with torch.no_grad():
+        for problem, labels in [("single_label_classification", t["class_labels"]),
+                                ("multi_label_classification", t["multi_labels"]),
+                                ("regression", t["regression_labels"])]:
+            model.config.problem_type = None if problem != "regression" else "regression"  # HF mutates it
+            res = model(input_ids=t["padded_ids"], attention_mask=t["padded_mask"], labels=labels)
+            out[f"seqcls.loss.{problem}"] = to_numpy(res.loss)
+            out["seqcls.logits"] = to_numpy(res.logits)
+        model.config.problem_type = None
+    return out
+
+
+def make_inputs(config_dict, rng, batch=3, tokens=11):
+    """Fresh random inputs for every scenario of run_causal_lm / run_sequence_classification."""
+    V, D = config_dict["vocab_size"], config_dict["hidden_size"]
+    pad = config_dict["pad_token_id"]
+    input_ids = rng.integers(0, V, size=(batch, tokens))
+    labels = input_ids.copy()
+    labels[rng.random(labels.shape) < 0.2] = -100
+    padded_mask = np.ones((batch, tokens), np.int64)
+    for b in range(1, batch):  # row 0 unpadded, later rows left-padded by 2, 4, ...
+        padded_mask[b, : min(2 * b, tokens - 2)] = 0
+    padded_ids = np.where(padded_mask == 1, rng.integers(0, V, size=(batch, tokens)), pad)
+    padded_ids[padded_mask == 1] = np.where(padded_ids[padded_mask == 1] == pad, (pad + 1) % V,
+                                            padded_ids[padded_mask == 1])  # a real token is never the pad id
+    first = int(rng.integers(2, tokens - 3))
+    return {
+        "input_ids": input_ids, "labels": labels, "padded_ids": padded_ids, "padded_mask": padded_mask,
+        "inputs_embeds": rng.standard_normal((batch, tokens, D)),
+        "decode_splits": np.array([first, 1, 2]),
+        "keep_index": np.sort(rng.choice(tokens, size=3, replace=False)),
+        "prompt_length": np.array(4), "max_new_tokens": np.array(6),
+        "class_labels": rng.integers(0, config_dict["num_labels"], size=batch),
+        "multi_labels": (rng.random((batch, config_dict["num_labels"])) < 0.5).astype(np.float64),
+        "regression_labels": rng.standard_normal((batch, config_dict["num_labels"])),
+    }
