@@ -71,10 +71,15 @@ class JetMoeConfig:
         if not (self.rope_theta > 0):
             raise ValueError(f"JetMoeConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"JetMoeConfig.rope_scaling must be None or a dict, got {self.rope_scaling!r}")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type != "default":
                 raise ValueError(f"JetMoeConfig.rope_scaling={self.rope_scaling!r} is not supported: "
                                  "only default RoPE (rope_scaling=None) is implemented")
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool)
+                                              or not isinstance(self.pad_token_id, int)):
+            raise ValueError(f"JetMoeConfig.pad_token_id must be None or an integer, got {self.pad_token_id!r}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"JetMoeConfig.pad_token_id={self.pad_token_id} is outside [0, {self.vocab_size})")
         if not isinstance(self.num_labels, int) or self.num_labels <= 0:
@@ -114,6 +119,8 @@ class JetMoeConfig:
 
     @classmethod
     def from_pretrained(cls, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist: expected a model directory or a config.json")
         config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json at {config_path!r}")

@@ -34,6 +34,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must have shape [B, T], got {input_ids.shape}")
+    if input_ids.size and not np.issubdtype(input_ids.dtype, np.integer):  # astype below would truncate floats
+        raise TypeError(f"input_ids must hold integers, got dtype {input_ids.dtype}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     tokens = input_ids.astype(np.int64)

@@ -19,7 +19,13 @@ def log_softmax(x):
 def cross_entropy(logits, labels):
     # logits: [M, C], labels: [M] int (IGNORE_INDEX skipped) -> mean over kept rows (NaN if none, as torch)
     logits = logits.astype(compute_dtype(logits.dtype), copy=False)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"class labels must hold integers, got dtype {labels.dtype}")
     keep = labels != IGNORE_INDEX
+    bad = keep & ((labels < 0) | (labels >= logits.shape[-1]))  # torch raises too ("Target ... is out of bounds")
+    if bad.any():
+        raise ValueError(f"labels holds {labels[bad][0]}, neither {IGNORE_INDEX} nor a class in "
+                         f"[0, {logits.shape[-1]})")
     picked = log_softmax(logits[keep])[np.arange(int(keep.sum())), labels[keep]]
     with np.errstate(invalid="ignore"):
         return -np.sum(picked) / picked.dtype.type(keep.sum())
@@ -67,5 +73,7 @@ def sequence_classification_loss(pooled_logits, labels, num_labels, problem_type
     if problem_type == "single_label_classification":
         return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
     # multi_label_classification: BCEWithLogits, mean; log(1+exp(-|x|)) form for stability as torch
+    if labels.shape != logits.shape:  # torch raises too ("Target size ... must be the same as input size")
+        raise ValueError(f"multi-label labels have shape {labels.shape}, expected [B, num_labels] = {logits.shape}")
     y = labels.astype(logits.dtype)
     return np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))
