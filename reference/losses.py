@@ -66,12 +66,14 @@ def sequence_classification_loss(pooled_logits, labels, num_labels, problem_type
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
+    if problem_type == "single_label_classification":
+        return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+    if np.issubdtype(labels.dtype, np.floating):  # torch promotes: float64 labels give a float64 loss
+        logits = logits.astype(np.result_type(logits.dtype, labels.dtype), copy=False)
     if problem_type == "regression":
         if num_labels == 1:
             return np.mean((np.squeeze(logits) - np.squeeze(labels).astype(logits.dtype)) ** 2)
         return np.mean((logits - labels.astype(logits.dtype)) ** 2)
-    if problem_type == "single_label_classification":
-        return cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
     # multi_label_classification: BCEWithLogits, mean; log(1+exp(-|x|)) form for stability as torch
     if labels.shape != logits.shape:  # torch raises too ("Target size ... must be the same as input size")
         raise ValueError(f"multi-label labels have shape {labels.shape}, expected [B, num_labels] = {logits.shape}")

@@ -22,7 +22,7 @@ from .checkpoint import (model_dtype, random_parameters, read_checkpoint_tensors
                          write_checkpoint)
 from .config import JetMoeConfig
 from .experts import moe
-from .losses import IGNORE_INDEX, causal_lm_loss, load_balancing_loss, sequence_classification_loss
+from .losses import causal_lm_loss, load_balancing_loss, sequence_classification_loss
 from .norm import BLOCK_NORM_EPS, rms_norm
 from .rope import cos_sin
 
@@ -281,12 +281,7 @@ class JetMoeForCausalLM(_Pretrained):
         trace.record("logits", logits)
         loss = None
         if labels is not None:
-            labels = _check_labels(labels, h.shape[:2])
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise TypeError(f"labels must hold integers, got dtype {labels.dtype}")
-            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.vocab_size))
-            if bad.any():
-                raise ValueError(f"labels holds {labels[bad][0]}, neither {IGNORE_INDEX} nor in [0, {cfg.vocab_size})")
+            labels = _check_labels(labels, h.shape[:2])  # dtype and range: checked by cross_entropy
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError(f"labels cover {labels.shape[1]} tokens but logits_to_keep kept "
                                  f"{logits.shape[1]}: use logits_to_keep=0 to compute a loss")

@@ -12,6 +12,8 @@ PATCHES below and must occur in HF's source as written. float32 runs use HF unpa
 import contextlib
 import inspect
 import math
+import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -21,6 +23,8 @@ from transformers.loss import loss_utils
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
 REQUIRED_TRANSFORMERS = "4.56.2"
+# float32 router logits err ~1e-6; a larger top-k gap (float64 HF) means float32 picks the same experts everywhere
+MIN_ROUTER_MARGIN = 1e-3
 _HI = "torch.promote_types({}, torch.float32)"
 
 PATCHES = [
@@ -235,6 +239,35 @@ def run_sequence_classification(model, inputs):
             out["seqcls.logits"] = to_numpy(res.logits)
         model.config.problem_type = None
     return out
+
+
+def save_checkpoint(config_dict, out_dir, seed, score_seed=None):
+    """A randomized float64 HF JetMoeForCausalLM saved with HF's save_pretrained into out_dir, and under
+    out_dir/seqcls a JetMoeForSequenceClassification with the same base weights and a random score head."""
+    config = hf_config(config_dict)
+    torch.manual_seed(seed)
+    model = hf.JetMoeForCausalLM(config).to(torch.float64).eval()
+    randomize(model, seed)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    seqcls = hf.JetMoeForSequenceClassification(config).to(torch.float64)
+    seqcls.model.load_state_dict(model.model.state_dict())
+    score_gen = torch.Generator().manual_seed(seed if score_seed is None else score_seed)
+    with torch.no_grad():
+        score = torch.randn(seqcls.score.weight.shape, dtype=torch.float64, generator=score_gen) / 4
+        seqcls.score.weight.copy_(score)
+    seqcls.save_pretrained(os.path.join(out_dir, "seqcls"), safe_serialization=True)
+
+
+def run_checkpoint(model_dir, dtype, inputs):
+    """Every HF output (causal LM and sequence classification) for a save_checkpoint directory, the model loaded
+    in dtype: float64 within float64_precision() (the float32 islands promoted), float32 HF unpatched."""
+    ctx = float64_precision() if dtype == torch.float64 else contextlib.nullcontext()
+    with ctx:
+        result = run_causal_lm(load_hf(model_dir, dtype), inputs)
+        seqcls = load_hf(os.path.join(model_dir, "seqcls"), dtype, "sequence_classification")
+        result.update(run_sequence_classification(seqcls, inputs))
+    return result
 
 
 def make_inputs(config_dict, rng, batch=3, tokens=11):

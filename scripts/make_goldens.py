@@ -9,7 +9,6 @@ outputs with the model loaded in that dtype (float64 with the float32 islands pr
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -37,24 +36,13 @@ CONFIGS = {
                         rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, eos_token_id=2, bos_token_id=1),
 }
 COMMON = dict(max_position_embeddings=64, aux_loss_coef=0.01, num_labels=3)
-MIN_ROUTER_MARGIN = 1e-3  # float32 router logits err ~1e-6; a larger top-k gap means the same experts everywhere
+MIN_ROUTER_MARGIN = hf_oracle.MIN_ROUTER_MARGIN
 
 
 def build_checkpoint(name, values, out_dir, seed):
     """Random HF model saved with HF's save_pretrained; reseeds until every top-k routing margin is clear."""
-    config = hf_oracle.hf_config(values)
     for attempt in range(20):
-        torch.manual_seed(seed + attempt)
-        model = hf_oracle.hf.JetMoeForCausalLM(config).to(torch.float64).eval()
-        hf_oracle.randomize(model, seed + attempt)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        seqcls = hf_oracle.hf.JetMoeForSequenceClassification(config).to(torch.float64)
-        seqcls.model.load_state_dict(model.model.state_dict())
-        with torch.no_grad():
-            seqcls.score.weight.copy_(torch.randn(seqcls.score.weight.shape, dtype=torch.float64,
-                                                  generator=torch.Generator().manual_seed(seed)) / 4)
-        seqcls.save_pretrained(os.path.join(out_dir, "seqcls"), safe_serialization=True)
+        hf_oracle.save_checkpoint(values, out_dir, seed + attempt, score_seed=seed)
         yield seed + attempt
 
 
@@ -71,15 +59,8 @@ def main():
         rng = np.random.default_rng(args.seed + index)
         inputs = hf_oracle.make_inputs(values, rng)
         for seed in build_checkpoint(name, values, out_dir, args.seed + 100 * index):
-            outputs = {}
-            for dtype, label in [(torch.float64, "float64"), (torch.float32, "float32")]:
-                ctx = hf_oracle.float64_precision() if dtype == torch.float64 else hf_oracle.contextlib.nullcontext()
-                with ctx:
-                    model = hf_oracle.load_hf(out_dir, dtype)
-                    result = hf_oracle.run_causal_lm(model, inputs)
-                    seqcls = hf_oracle.load_hf(os.path.join(out_dir, "seqcls"), dtype, "sequence_classification")
-                    result.update(hf_oracle.run_sequence_classification(seqcls, inputs))
-                outputs[label] = result
+            outputs = {label: hf_oracle.run_checkpoint(out_dir, dtype, inputs)
+                       for dtype, label in [(torch.float64, "float64"), (torch.float32, "float32")]}
             margin = float(outputs["float64"]["router_margin"])
             if margin > MIN_ROUTER_MARGIN:
                 break

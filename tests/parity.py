@@ -18,7 +18,6 @@ FLOAT32_RTOL = 1e-5
 
 def run_causal_lm(model, inputs):
     out = {}
-    cfg = model.config
     full = model(input_ids=inputs["input_ids"], labels=inputs["labels"], output_attentions=True,
                  output_hidden_states=True, output_router_logits=True, use_cache=True)
     out["logits"] = full.logits
@@ -47,9 +46,10 @@ def run_causal_lm(model, inputs):
     out["keep_index.logits"] = model(input_ids=inputs["input_ids"], logits_to_keep=inputs["keep_index"]).logits
     prompt = inputs["input_ids"][:, : inputs["prompt_length"].item()]
     new = inputs["max_new_tokens"].item()
-    out["generate.tokens"] = model.generate(prompt, max_new_tokens=new)
+    # An explicit all-ones mask, as hf_oracle passes: without one, a prompt token equal to pad_token_id would be
+    # masked out (HF and we infer padding from pad_token_id), and the oracle would check a different scenario.
+    out["generate.tokens"] = model.generate(prompt, attention_mask=np.ones_like(prompt), max_new_tokens=new)
     out["generate_padded.tokens"] = model.generate(inputs["padded_ids"], attention_mask=mask, max_new_tokens=new)
-    assert cfg is model.config
     return out
 
 

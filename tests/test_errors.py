@@ -157,7 +157,7 @@ def test_labels_out_of_range(model, rng, kind):
     labels = random_ids(rng, 2, 5)
     bad = int(-rng.integers(1, 99)) if kind == "negative" else int(V + rng.integers(0, 10))  # never -100
     labels[rng.integers(2), rng.integers(1, 5)] = bad
-    with pytest.raises(ValueError, match=rf"labels holds {bad}, neither -100 nor in \[0, {V}\)"):
+    with pytest.raises(ValueError, match=rf"labels holds {bad}, neither -100 nor a class in \[0, {V}\)"):
         model(ids, labels=labels)
     labels[labels == bad] = -100  # control: the ignore index is accepted
     assert np.isfinite(model(ids, labels=labels).loss)

@@ -1,0 +1,40 @@
+# JetMoE from scratch. Every target creates .venv on first use; nothing is installed by hand.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+ORACLE  := .venv/.installed-oracle
+
+.PHONY: setup setup-oracle test test-oracle goldens bench-cpu clean
+
+# setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# setup-oracle: add the oracle extra (CPU torch 2.13.0 and transformers 4.56.2) for goldens, live parity, benches.
+setup-oracle: $(ORACLE)
+$(ORACLE): $(STAMP)
+	$(PIP) install --quiet -e ".[test,oracle]"
+	touch $(ORACLE)
+
+# test: the whole suite without torch: op ladder, goldens, errors, checkpoints (oracle tests are deselected).
+test: $(STAMP)
+	$(PY) -m pytest -m "not oracle" -q
+
+# test-oracle: hypothesis-generated configs and inputs against live HF transformers (skips without them).
+test-oracle: $(ORACLE)
+	$(PY) -m pytest -m oracle -q
+
+# goldens: rebuild tests/golden/ from HF transformers 4.56.2 (scripts/make_goldens.py).
+goldens: $(ORACLE)
+	$(PY) scripts/make_goldens.py
+
+# bench-cpu: float32 reference vs HF eager on JetMoE-small, same run, same threads (scripts/bench_cpu.py).
+bench-cpu: $(ORACLE)
+	$(PY) scripts/bench_cpu.py
+
+# clean: remove the virtual environment and caches.
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

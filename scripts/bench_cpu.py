@@ -1,0 +1,113 @@
+"""CPU benchmark: the float32 NumPy reference against HF transformers eager (torch float32), same run, same threads.
+
+Config "JetMoE-small" (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000) with random weights shared by both
+sides. Measures prefill of 1x512 tokens and decode of 64 tokens with the KV cache at batch 1 (after a 64-token
+prompt), median of repeats, and prints a markdown table of seconds and ratios (HF time / reference time: above
+1 means the reference is faster). Needs the oracle extra (torch, transformers).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_oracle  # noqa: E402
+from reference import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
+
+SMALL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2,
+             num_key_value_heads=8, kv_channels=64, intermediate_size=2816, max_position_embeddings=4096)
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reference_decode(model, prompt, steps):
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, np.argmax(out.logits[:, -1], -1)[:, None]
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = np.argmax(out.logits[:, -1], -1)[:, None]
+    return time.perf_counter() - start
+
+
+def hf_decode(model, prompt, steps):
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - start
+
+
+def machine_description(threads):
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{cpu}, {os.cpu_count()} cores, {threads} threads; Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, torch {torch.__version__}, transformers {hf_oracle.transformers.__version__}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    hf_oracle.check_versions()
+    torch.set_num_threads(args.threads)
+    config = JetMoeConfig(**SMALL)
+    ours = JetMoeForCausalLM.from_random(config, seed=0, std=0.02, dtype=np.float32)
+    hf_model = hf_oracle.hf.JetMoeForCausalLM(hf_oracle.hf_config(config.to_dict())).eval()
+    result = hf_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                                       for k, v in ours.state_dict().items()}, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys, result  # tied lm_head
+    rng = np.random.default_rng()
+    ids = rng.integers(0, config.vocab_size, size=(1, args.prefill_tokens))
+    prompt = ids[:, : args.prompt_tokens]
+    with torch.no_grad():  # same logits on both sides, or the timing compares different work
+        ref_logits = ours(input_ids=ids[:, :32]).logits
+        hf_logits = hf_model(input_ids=torch.from_numpy(ids[:, :32])).logits.numpy()
+    err = np.abs(ref_logits - hf_logits).max() / np.abs(hf_logits).max()
+    assert err < 1e-4, f"reference and HF disagree (rel err {err:.2e}): the benchmark would be meaningless"
+
+    rows = []
+    t_ref = median_time(lambda: ours(input_ids=ids, use_cache=False), args.repeats)
+    with torch.no_grad():
+        t_hf = median_time(lambda: hf_model(input_ids=torch.from_numpy(ids), use_cache=False), args.repeats)
+    rows.append((f"prefill 1x{args.prefill_tokens}", t_ref, t_hf, args.prefill_tokens))
+    t_ref = statistics.median(reference_decode(ours, prompt, args.decode_tokens) for _ in range(args.repeats))
+    t_hf = statistics.median(hf_decode(hf_model, torch.from_numpy(prompt), args.decode_tokens)
+                             for _ in range(args.repeats))
+    rows.append((f"decode {args.decode_tokens} tokens, batch 1", t_ref, t_hf, args.decode_tokens))
+
+    print(f"Machine: {machine_description(args.threads)}")
+    print("Model: JetMoE-small (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000), float32, random weights\n")
+    print("| workload | reference s | HF eager s | reference tokens/s | HF tokens/s | HF time / reference time |")
+    print("|---|---|---|---|---|---|")
+    for name, r, h, n in rows:
+        print(f"| {name} | {r:.3f} | {h:.3f} | {n / r:.1f} | {n / h:.1f} | {h / r:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
