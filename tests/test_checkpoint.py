@@ -30,18 +30,6 @@ def small_config(**overrides):
     return JetMoeConfig(**values)
 
 
-@pytest.fixture
-def seed():
-    seed = int(np.random.default_rng().integers(2**31))
-    print(f"seed={seed}")  # shown by pytest when the test fails
-    return seed
-
-
-@pytest.fixture
-def rng(seed):
-    return np.random.default_rng(seed)
-
-
 def random_ids(rng, batch=2, tokens=7):
     return rng.integers(1, V, size=(batch, tokens))  # 0 is the pad token
 

@@ -4,6 +4,7 @@ Every case draws fresh random weights and token ids (the seed is printed, so a f
 each rejection has a nearby accepted input as a control, so a check that rejects everything would fail too.
 """
 
+import os
 import dataclasses
 import json
 import re
@@ -22,18 +23,6 @@ def small_config(**overrides):
                   intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=MAX_POS)
     values.update(overrides)
     return JetMoeConfig(**values)
-
-
-@pytest.fixture
-def seed():
-    seed = int(np.random.default_rng().integers(2**31))
-    print(f"seed={seed}")  # shown by pytest when the test fails
-    return seed
-
-
-@pytest.fixture
-def rng(seed):
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture
@@ -323,3 +312,17 @@ def test_sequence_classification_batch_without_pad_token(seed, rng):
     padded = JetMoeForSequenceClassification(dataclasses.replace(config, pad_token_id=0), model.model.tensors,
                                              {"score.weight": model.score})
     assert np.all(np.isfinite(padded(ids).logits))  # control: with a pad token, batch 2 works
+
+
+def test_import_reference_needs_no_torch_transformers_or_cupy():
+    # reference/ defines the semantics on its own: importing and running it must not pull the oracle or the GPU.
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, reference\n"
+            "cfg = reference.JetMoeConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_key_value_heads=1,"
+            " kv_channels=4, intermediate_size=8, num_local_experts=2, num_experts_per_tok=1)\n"
+            "reference.JetMoeForCausalLM.from_random(cfg)(input_ids=np.array([[1, 2, 3]]))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'cupy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout

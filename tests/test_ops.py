@@ -29,13 +29,6 @@ from reference.routing import top_k_gating
 F64 = np.dtype(np.float64)
 
 
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"rng seed: {seed}  (replay: np.random.default_rng({seed}))")
-    return np.random.default_rng(seed)
-
-
 def assert_close(got, want, rtol, what):
     """Normwise check: max|got - want| <= rtol * max|want|, with the errors in the failure message."""
     got, want = np.asarray(got), np.asarray(want)
