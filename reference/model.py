@@ -124,6 +124,59 @@ def _int_array(name, value, ndim):
     return arr.astype(np.int64)
 
 
+def check_inputs(cfg, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache,
+             cache_type=KVCache):
+    """Validate and normalize a forward's inputs (host NumPy arrays); shared with the GPU twin.
+
+    Returns (input_ids [B, T] int64 or None, inputs_embeds [B, T, D] or None, attention_mask [B, S] int64 or None,
+    position_ids [B|1, T] int64, cache_position [T] int64). Every error names the argument, shape or value.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        input_ids = _int_array("input_ids", input_ids, 2)
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0]
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {cfg.vocab_size})")
+        batch, tokens = input_ids.shape
+    else:
+        inputs_embeds = np.asarray(inputs_embeds)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds must have shape [B, T, D={cfg.hidden_size}], "
+                             f"got {inputs_embeds.shape}")
+        if not np.issubdtype(inputs_embeds.dtype, np.floating):
+            raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
+        batch, tokens = inputs_embeds.shape[:2]
+    if tokens == 0:
+        raise ValueError("the input has no tokens (T=0)")
+    past = 0
+    if cache is not None:
+        if not isinstance(cache, cache_type):
+            raise TypeError(f"past_key_values must be a {cache_type.__module__.split(".")[0]}.{cache_type.__name__} (from a "
+                            f"previous call), got {type(cache).__name__}")
+        if cache.batch_size != batch:
+            raise ValueError(f"past_key_values holds batch {cache.batch_size}, the input has batch {batch}")
+        past = cache.get_seq_length()
+    if attention_mask is not None:
+        attention_mask = _int_array("attention_mask", attention_mask, 2)
+        if attention_mask.shape != (batch, past + tokens):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected (B, cached + new "
+                             f"tokens) = {(batch, past + tokens)}")
+    cache_position = (np.arange(past, past + tokens) if cache_position is None
+                      else _int_array("cache_position", cache_position, 1))
+    if cache_position.shape != (tokens,):
+        raise ValueError(f"cache_position has shape {cache_position.shape}, expected ({tokens},)")
+    position_ids = (cache_position[None] if position_ids is None
+                    else _int_array("position_ids", position_ids, 2))
+    if position_ids.shape[1] != tokens or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids has shape {position_ids.shape}, expected ({batch} or 1, {tokens})")
+    if position_ids.size and position_ids.max() >= cfg.max_position_embeddings:
+        warnings.warn(f"position {position_ids.max()} is beyond max_position_embeddings="
+                      f"{cfg.max_position_embeddings}: computed anyway (as HF does), but the model never "
+                      "saw such positions in training", stacklevel=3)
+    return input_ids, inputs_embeds, attention_mask, position_ids, cache_position
+
+
 class _Pretrained:
     """from_pretrained / save_pretrained shared by the three model classes."""
 
@@ -158,61 +211,14 @@ class JetMoeModel(_Pretrained):
     def state_dict(self):
         return dict(self.tensors)
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache):
-        cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            input_ids = _int_array("input_ids", input_ids, 2)
-            if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0]
-                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {cfg.vocab_size})")
-            batch, tokens = input_ids.shape
-        else:
-            inputs_embeds = np.asarray(inputs_embeds)
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
-                raise ValueError(f"inputs_embeds must have shape [B, T, D={cfg.hidden_size}], "
-                                 f"got {inputs_embeds.shape}")
-            if not np.issubdtype(inputs_embeds.dtype, np.floating):
-                raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
-            batch, tokens = inputs_embeds.shape[:2]
-        if tokens == 0:
-            raise ValueError("the input has no tokens (T=0)")
-        past = 0
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"past_key_values must be a reference.KVCache (from a previous call), "
-                                f"got {type(cache).__name__}")
-            if cache.batch_size != batch:
-                raise ValueError(f"past_key_values holds batch {cache.batch_size}, the input has batch {batch}")
-            past = cache.get_seq_length()
-        if attention_mask is not None:
-            attention_mask = _int_array("attention_mask", attention_mask, 2)
-            if attention_mask.shape != (batch, past + tokens):
-                raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected (B, cached + new "
-                                 f"tokens) = {(batch, past + tokens)}")
-        cache_position = (np.arange(past, past + tokens) if cache_position is None
-                          else _int_array("cache_position", cache_position, 1))
-        if cache_position.shape != (tokens,):
-            raise ValueError(f"cache_position has shape {cache_position.shape}, expected ({tokens},)")
-        position_ids = (cache_position[None] if position_ids is None
-                        else _int_array("position_ids", position_ids, 2))
-        if position_ids.shape[1] != tokens or position_ids.shape[0] not in (1, batch):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected ({batch} or 1, {tokens})")
-        if position_ids.size and position_ids.max() >= cfg.max_position_embeddings:
-            warnings.warn(f"position {position_ids.max()} is beyond max_position_embeddings="
-                          f"{cfg.max_position_embeddings}: computed anyway (as HF does), but the model never "
-                          "saw such positions in training", stacklevel=3)
-        return input_ids, inputs_embeds, attention_mask, position_ids, cache_position
-
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
                  output_router_logits=None, cache_position=None):
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
-        input_ids, inputs_embeds, attention_mask, position_ids, cache_position = self._check_inputs(
-            input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past_key_values)
+        input_ids, inputs_embeds, attention_mask, position_ids, cache_position = check_inputs(
+            cfg, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past_key_values)
         h = self.embed_tokens[input_ids] if inputs_embeds is None else inputs_embeds.astype(self.dtype)  # [B, T, D]
         batch, tokens, _ = h.shape
         cache = past_key_values
