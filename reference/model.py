@@ -152,7 +152,7 @@ def check_inputs(cfg, input_ids, inputs_embeds, attention_mask, position_ids, ca
     past = 0
     if cache is not None:
         if not isinstance(cache, cache_type):
-            raise TypeError(f"past_key_values must be a {cache_type.__module__.split(".")[0]}.{cache_type.__name__} (from a "
+            raise TypeError(f"past_key_values must be a {cache_type.__module__.split('.')[0]}.{cache_type.__name__} (from a "
                             f"previous call), got {type(cache).__name__}")
         if cache.batch_size != batch:
             raise ValueError(f"past_key_values holds batch {cache.batch_size}, the input has batch {batch}")
