@@ -307,6 +307,10 @@ class JetMoeForCausalLM(_Pretrained):
 
     forward = __call__
 
+    def new_cache(self, batch, capacity):
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens (used by generate)."""
+        return KVCache.for_config(self.config, batch, self.dtype, capacity=capacity)
+
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
         """Prompt plus new tokens, [B, T + new] int64; greedy equals HF's generate. See reference/generation.py."""
         from .generation import generate

@@ -1,0 +1,221 @@
+"""The JetMoE forward on the GPU; the twin of reference/model.py (same classes, keywords, outputs, trace names).
+
+Legend: B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads, Dh head dim,
+F intermediate, V vocab, L layers, N = B*T.
+
+Weights live on the device as float32, or (dtype="bfloat16") the big matrices as bf16 bits (uint16) with float32
+norms, biases and routers, so routing decisions are made in float32 as in the reference. Activations and
+accumulation are float32. Inputs may be NumPy or CuPy; they are validated on the host by reference's own
+check_inputs (one small copy), then everything runs on the device. Outputs are CuPy arrays.
+"""
+
+import ml_dtypes
+import numpy as np
+
+from reference import trace
+from reference.checkpoint import read_checkpoint_tensors, select_tensors
+from reference.config import JetMoeConfig
+from reference.losses import causal_lm_loss, load_balancing_loss
+from reference.model import (MoeCausalLMOutputWithPast, MoeModelOutputWithPast, block_weights, check_inputs)
+from reference.norm import BLOCK_NORM_EPS
+
+from .attention import moa
+from .cache import KVCache
+from .device import require_cupy
+from .experts import moe
+from .linear import linear
+from .norm import rms_norm
+
+WEIGHT_DTYPES = ("float32", "bfloat16")
+# Tensors kept float32 in bf16 mode: small, and routers decide which experts run.
+FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
+
+
+def weight_dtype_name(dtype):
+    name = "bfloat16" if dtype in ("bfloat16", ml_dtypes.bfloat16) else np.dtype(dtype).name
+    if name not in WEIGHT_DTYPES:
+        raise TypeError(f"dtype={dtype!r} is not supported by the GPU twin: use np.float32 (parity) or 'bfloat16'")
+    return name
+
+
+def upload(name, tensor, dtype_name):
+    """One host tensor to the device: float32, or bf16 bits for the big matrices in bf16 mode."""
+    cp = require_cupy()
+    if dtype_name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS):
+        return cp.asarray(np.ascontiguousarray(tensor).astype(ml_dtypes.bfloat16).view(np.uint16))
+    return cp.asarray(np.ascontiguousarray(tensor, dtype=np.float32))
+
+
+def upload_all(tensors, dtype_name):
+    """Every tensor of a checkpoint, with a clear message when the device runs out of memory."""
+    cp = require_cupy()
+    try:
+        return {name: upload(name, t, dtype_name) for name, t in tensors.items()}
+    except cp.cuda.memory.OutOfMemoryError:
+        itemsize = 2 if dtype_name == "bfloat16" else 4
+        needed = sum(t.size for t in tensors.values()) * itemsize
+        free, total = cp.cuda.runtime.memGetInfo()
+        raise MemoryError(f"the model needs about {needed / 2**30:.2f} GiB of GPU memory in {dtype_name}; the "
+                          f"device has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB") from None
+
+
+def embed(table, input_ids):
+    # table: [V, D] float32 or bf16 bits, input_ids: [B, T] device int64 -> [B, T, D] float32
+    cp = require_cupy()
+    rows = table[input_ids]
+    if rows.dtype == cp.uint16:
+        return (rows.astype(cp.uint32) << 16).view(cp.float32)
+    return rows
+
+
+def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config):
+    # h: [B, T, D] -> h, attention probs (or None), (attention logits [N, E], mlp logits [N, E])
+    x = rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS)
+    trace.record("input_layernorm", x)
+    with trace.scope("attention"):
+        attn_out, probs, attn_logits = moa(x, w.attention, positions, cache_position, attention_mask, cache,
+                                           layer_idx, config)
+    h = h + attn_out
+    trace.record("post_attention_residual", h)
+    x = rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS)
+    trace.record("post_attention_layernorm", x)
+    with trace.scope("mlp"):
+        mlp_out, mlp_logits = moe(x, w.mlp, config.num_experts_per_tok)
+    h = h + mlp_out
+    trace.record("output", h)
+    return h, probs, (attn_logits, mlp_logits)
+
+
+def to_host(value):
+    """NumPy copy of a NumPy or CuPy array (None stays None) for host-side validation."""
+    if value is None or isinstance(value, (int, np.integer)):
+        return value
+    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
+
+
+class _Pretrained:
+    head = "base"
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32):
+        config = JetMoeConfig.from_pretrained(path)
+        base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, np.float32)
+        return cls(config, base, head, dtype=dtype)
+
+    @classmethod
+    def from_reference(cls, model, dtype=np.float32):
+        """The same weights as a reference model (tests compare the two)."""
+        state = model.state_dict()
+        base = {n[len("model."):] if n.startswith("model.") else n: t for n, t in state.items()}
+        head = {n: t for n, t in base.items() if n in ("lm_head.weight", "score.weight")}
+        if cls.head == "causal_lm" and "lm_head.weight" not in head:
+            head["lm_head.weight"] = base["embed_tokens.weight"]
+        base = {n: t for n, t in base.items() if n not in head}
+        return cls(model.config, base, head, dtype=dtype)
+
+
+class JetMoeModel(_Pretrained):
+    def __init__(self, config, tensors, head_tensors=None, dtype=np.float32):
+        self.config = config
+        self.dtype_name = weight_dtype_name(dtype)
+        self.tensors = upload_all(tensors, self.dtype_name)
+        self.embed_tokens = self.tensors["embed_tokens.weight"]  # [V, D]
+        self.norm = self.tensors["norm.weight"]  # [D]
+        self.layers = [block_weights(self.tensors, i) for i in range(config.num_hidden_layers)]
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
+                 output_router_logits=None, cache_position=None):
+        cp = require_cupy()
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        input_ids, inputs_embeds, attention_mask, position_ids, cache_position = check_inputs(
+            cfg, to_host(input_ids), to_host(inputs_embeds), to_host(attention_mask), to_host(position_ids),
+            to_host(cache_position), past_key_values, cache_type=KVCache)
+        if inputs_embeds is None:
+            h = embed(self.embed_tokens, cp.asarray(input_ids))  # [B, T, D]
+        else:
+            h = cp.asarray(inputs_embeds, dtype=cp.float32)
+        batch, tokens, _ = h.shape
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache.for_config(cfg, batch, self.dtype_name, capacity=tokens)
+        positions = cp.asarray(position_ids)  # [B|1, T]
+        cache_pos = cp.asarray(cache_position)  # [T]
+        mask = None if attention_mask is None else cp.asarray(attention_mask)  # [B, S]
+        trace.record("embed_tokens", h)
+        hidden_states, attentions, router_logits = [], [], []
+        for i, w in enumerate(self.layers):
+            hidden_states.append(h)
+            with trace.scope(f"layers.{i}"):
+                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, cfg)
+            attentions.append(probs)
+            router_logits.extend(logits)
+        h = rms_norm(h, self.norm, cfg.rms_norm_eps)  # the only norm that uses config.rms_norm_eps
+        trace.record("norm", h)
+        hidden_states.append(h)
+        return MoeModelOutputWithPast(
+            last_hidden_state=h, past_key_values=cache,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            router_logits=tuple(router_logits) if output_router_logits else None)
+
+    forward = __call__
+
+
+class JetMoeForCausalLM(_Pretrained):
+    head = "causal_lm"
+
+    def __init__(self, config, tensors, head_tensors, dtype=np.float32):
+        self.config = config
+        self.model = JetMoeModel(config, tensors, dtype=dtype)
+        self.dtype_name = self.model.dtype_name
+        tied = head_tensors["lm_head.weight"] is tensors["embed_tokens.weight"]
+        self.lm_head = (self.model.embed_tokens if tied else
+                        upload("lm_head.weight", head_tensors["lm_head.weight"], self.dtype_name))  # [V, D]
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                 output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0):
+        cp = require_cupy()
+        cfg = self.config
+        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         output_router_logits=output_router_logits, cache_position=cache_position)
+        h = out.last_hidden_state  # [B, T, D]
+        if isinstance(logits_to_keep, (int, np.integer)):
+            kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            kept = h[:, cp.asarray(to_host(logits_to_keep))]
+        batch, kept_tokens, hidden = kept.shape
+        logits = linear(kept.reshape(batch * kept_tokens, hidden), self.lm_head).reshape(batch, kept_tokens, -1)
+        trace.record("logits", logits)
+        # Losses are a few scalars over logits already computed: the reference's NumPy code on host copies.
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(to_host(logits), to_host(labels))
+        aux_loss = None
+        if output_router_logits:
+            mask = None if attention_mask is None else to_host(attention_mask)[:, -h.shape[1]:]
+            aux_loss = load_balancing_loss([to_host(r) for r in out.router_logits], cfg.num_local_experts,
+                                           cfg.num_experts_per_tok, mask)
+            if loss is not None:
+                loss = loss + cfg.aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+                                         past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                                         attentions=out.attentions, router_logits=out.router_logits)
+
+    forward = __call__
+
+    def new_cache(self, batch, capacity):
+        """An empty device KV cache for `batch` sequences of up to `capacity` tokens (used by generate)."""
+        return KVCache.for_config(self.config, batch, self.dtype_name, capacity=capacity)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
+        """Prompt plus new tokens as a CuPy int64 array; greedy, the KV cache on the device (gpu/generation.py)."""
+        from .generation import generate
+        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=do_sample, **kwargs)
