@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 
-.PHONY: setup setup-oracle test test-oracle goldens bench-cpu clean
+.PHONY: setup setup-oracle test test-oracle goldens bench-cpu gpu-check clean
 
 # setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
 setup: $(STAMP)
@@ -35,6 +35,11 @@ goldens: $(ORACLE)
 bench-cpu: $(ORACLE)
 	$(PY) scripts/bench_cpu.py
 
+# gpu-check: on a CUDA machine, the GPU parity suite + benchmark -> build/gpu_report.md (uses the machine's python3,
+# which must have CuPy; scripts/gpu_check.py installs what is missing where a package index is reachable).
+gpu-check:
+	python3 scripts/gpu_check.py
+
 # clean: remove the virtual environment and caches.
 clean:
-	rm -rf .venv .pytest_cache .hypothesis
+	rm -rf .venv .pytest_cache .hypothesis build
