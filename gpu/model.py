@@ -16,7 +16,8 @@ from reference import trace
 from reference.checkpoint import read_checkpoint_tensors, select_tensors
 from reference.config import JetMoeConfig
 from reference.losses import causal_lm_loss, load_balancing_loss
-from reference.model import (MoeCausalLMOutputWithPast, MoeModelOutputWithPast, block_weights, check_inputs)
+from reference.model import (MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast,
+                             block_weights, check_inputs, classification_loss, pooling_positions)
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
@@ -228,3 +229,33 @@ class JetMoeForCausalLM(_Pretrained):
         from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **kwargs)
+
+
+class JetMoeForSequenceClassification(_Pretrained):
+    head = "sequence_classification"
+
+    def __init__(self, config, tensors, head_tensors, dtype=np.float32):
+        self.config = config
+        self.model = JetMoeModel(config, tensors, dtype=dtype)
+        self.dtype_name = self.model.dtype_name
+        self.score = upload("score.weight", head_tensors["score.weight"], "float32")  # [num_labels, D], tiny
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                 output_hidden_states=False, cache_position=None):
+        cp = require_cupy()
+        cfg = self.config
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         cache_position=cache_position, output_router_logits=False)
+        h = out.last_hidden_state  # [B, T, D]
+        batch = h.shape[0]
+        rows = cp.asarray(pooling_positions(cfg, to_host(input_ids), batch))  # [B]
+        pooled = linear(h[cp.arange(batch), rows], self.score)  # [B, C]: only the pooled rows need the head
+        trace.record("pooled_logits", pooled)
+        loss = None if labels is None else classification_loss(cfg, to_host(pooled), to_host(labels))
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                hidden_states=out.hidden_states, attentions=out.attentions)
+
+    forward = __call__

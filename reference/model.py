@@ -318,6 +318,28 @@ class JetMoeForCausalLM(_Pretrained):
                         do_sample=do_sample, **kwargs)
 
 
+def pooling_positions(cfg, input_ids, batch):
+    # input_ids: [B, T] host ints or None -> [B] index of the token each row is classified at
+    # HF GenericForSequenceClassification: the rightmost token that is not pad (left or right padding).
+    if cfg.pad_token_id is None and batch != 1:
+        raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id)")
+    if cfg.pad_token_id is None or input_ids is None:
+        if cfg.pad_token_id is not None:
+            warnings.warn("JetMoeForSequenceClassification cannot detect padding in inputs_embeds: "
+                          "pooling at the last position", stacklevel=3)
+        return np.full(batch, -1)
+    ids = np.asarray(input_ids)
+    return np.argmax(np.arange(ids.shape[1]) * (ids != cfg.pad_token_id), axis=-1)
+
+
+def classification_loss(cfg, pooled, labels):
+    # pooled: [B, C] host logits, labels: [B] or [B, C] -> scalar
+    labels = np.asarray(labels)
+    if labels.shape[0] != pooled.shape[0]:
+        raise ValueError(f"labels has shape {labels.shape}, expected a first dimension of B={pooled.shape[0]}")
+    return sequence_classification_loss(pooled, labels, cfg.num_labels, cfg.problem_type)
+
+
 class JetMoeForSequenceClassification(_Pretrained):
     head = "sequence_classification"
 
@@ -341,26 +363,9 @@ class JetMoeForSequenceClassification(_Pretrained):
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          cache_position=cache_position, output_router_logits=False)
         logits = out.last_hidden_state @ self.score.T  # [B, T, C]
-        batch = logits.shape[0]
-        # HF GenericForSequenceClassification: pool at the rightmost token that is not pad (left or right padding)
-        if cfg.pad_token_id is None and batch != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id)")
-        if cfg.pad_token_id is None or input_ids is None:
-            if cfg.pad_token_id is not None:
-                warnings.warn("JetMoeForSequenceClassification cannot detect padding in inputs_embeds: "
-                              "pooling at the last position", stacklevel=2)
-            last = np.full(batch, -1)
-        else:
-            ids = np.asarray(input_ids)
-            last = np.argmax(np.arange(ids.shape[1]) * (ids != cfg.pad_token_id), axis=-1)  # [B]
-        pooled = logits[np.arange(batch), last]  # [B, C]
+        pooled = logits[np.arange(logits.shape[0]), pooling_positions(cfg, input_ids, logits.shape[0])]  # [B, C]
         trace.record("pooled_logits", pooled)
-        loss = None
-        if labels is not None:
-            labels = np.asarray(labels)
-            if labels.shape[0] != batch:
-                raise ValueError(f"labels has shape {labels.shape}, expected a first dimension of B={batch}")
-            loss = sequence_classification_loss(pooled, labels, cfg.num_labels, cfg.problem_type)
+        loss = None if labels is None else classification_loss(cfg, pooled, labels)
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                 hidden_states=out.hidden_states, attentions=out.attentions)
 

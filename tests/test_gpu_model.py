@@ -1,0 +1,118 @@
+"""The whole GPU twin against reference/ (needs a CUDA GPU and CuPy; skips with the reason otherwise).
+
+Tolerances, relative to max |reference| per tensor:
+- float32 weights: 1e-4 (float32 throughout, TF32 off, different summation orders than NumPy over L layers);
+- bf16 weights: 2e-2 (weights rounded to 8 mantissa bits, float32 accumulation).
+Routing must be identical wherever the reference's top-k margin exceeds what float32 noise can flip.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import gpu
+import reference
+from reference.generation import positions_from_mask
+
+if not gpu.gpu_available():
+    pytest.skip("the GPU twin needs CuPy and a CUDA GPU (none here); run `make gpu-check` on a CUDA machine",
+                allow_module_level=True)
+
+import cupy as cp  # noqa: E402
+
+from gpu.model import JetMoeForCausalLM as GpuCausalLM  # noqa: E402
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, d)))
+FLOAT32_RTOL = 1e-4
+BF16_RTOL = 2e-2
+MARGIN = 1e-3  # routing decisions are compared only where the reference's top-k gap exceeds this
+
+
+def rel_err(got, want):
+    got, want = cp.asnumpy(got).astype(np.float64), np.asarray(want, dtype=np.float64)
+    assert np.all(np.isfinite(got)), "non-finite values in the GPU output"
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def models(name, dtype):
+    path = os.path.join(GOLDEN, name)
+    return (reference.JetMoeForCausalLM.from_pretrained(path, dtype=np.float64),
+            GpuCausalLM.from_pretrained(path, dtype=dtype), load_file(os.path.join(path, "inputs.safetensors")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_trace_matches_reference(name):
+    ref, twin, inputs = models(name, np.float32)
+    ids = inputs["input_ids"]
+    with reference.capture() as trace_ref:
+        ref(input_ids=ids)
+    with reference.capture() as trace_gpu:
+        twin(input_ids=cp.asarray(ids))  # CuPy inputs are accepted too
+    assert list(trace_gpu) == list(trace_ref), "the GPU twin must emit the reference's trace names, in order"
+    first, rows = reference.compare(trace_gpu, trace_ref, rtol=FLOAT32_RTOL)
+    assert first is None, "\n" + reference.trace.format_rows(rows)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_scenarios(name):
+    ref, twin, inputs = models(name, np.float32)
+    mask = inputs["padded_mask"]
+    kwargs = dict(input_ids=inputs["padded_ids"], attention_mask=mask, position_ids=positions_from_mask(mask))
+    assert rel_err(twin(**kwargs).logits, ref(**kwargs).logits) <= FLOAT32_RTOL
+    full = ref(input_ids=inputs["input_ids"]).logits
+    cache, start, pieces = None, 0, []
+    for n in inputs["decode_splits"]:
+        out = twin(input_ids=inputs["input_ids"][:, start:start + int(n)], past_key_values=cache, use_cache=True)
+        cache, start = out.past_key_values, start + int(n)
+        pieces.append(cp.asnumpy(out.logits))
+    assert rel_err(cp.asarray(np.concatenate(pieces, axis=1)), full[:, :start]) <= FLOAT32_RTOL
+    out = twin(input_ids=inputs["input_ids"], labels=inputs["labels"], output_router_logits=True)
+    want = ref(input_ids=inputs["input_ids"], labels=inputs["labels"], output_router_logits=True)
+    assert abs(float(out.loss) - float(want.loss)) <= FLOAT32_RTOL * abs(float(want.loss))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_routing_identical_where_margins_are_clear(name):
+    ref, twin, inputs = models(name, np.float32)
+    with reference.capture() as trace_ref:
+        ref(input_ids=inputs["input_ids"])
+    with reference.capture() as trace_gpu:
+        twin(input_ids=inputs["input_ids"])
+    k = ref.config.num_experts_per_tok
+    for name_ in (n for n in trace_ref if n.endswith("router.logits")):
+        logits = np.sort(trace_ref[name_], axis=-1)[:, ::-1]
+        clear = (logits[:, k - 1] - logits[:, k] > MARGIN) if k < logits.shape[1] else np.ones(len(logits), bool)
+        indices = name_.replace("logits", "top_k_indices")
+        np.testing.assert_array_equal(cp.asnumpy(trace_gpu[indices])[clear], trace_ref[indices][clear],
+                                      err_msg=f"{indices}: experts differ where the margin exceeds {MARGIN}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_logits(name):
+    ref, twin, inputs = models(name, "bfloat16")
+    assert rel_err(twin(input_ids=inputs["input_ids"]).logits, ref(input_ids=inputs["input_ids"]).logits) <= BF16_RTOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_identical(name):
+    _, twin, inputs = models(name, np.float32)
+    ref32 = reference.JetMoeForCausalLM.from_pretrained(os.path.join(GOLDEN, name), dtype=np.float32)
+    mask = inputs["padded_mask"]
+    want = ref32.generate(inputs["padded_ids"], attention_mask=mask, max_new_tokens=8)
+    got = twin.generate(inputs["padded_ids"], attention_mask=mask, max_new_tokens=8)
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_bitwise_deterministic(dtype):
+    cfg = reference.JetMoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=4,
+                                 kv_channels=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+    rng = np.random.default_rng()
+    twin = GpuCausalLM.from_reference(reference.JetMoeForCausalLM.from_random(cfg, seed=int(rng.integers(1 << 30))),
+                                      dtype=dtype)
+    ids = rng.integers(0, cfg.vocab_size, size=(3, 77))
+    first, second = twin(input_ids=ids).logits, twin(input_ids=ids).logits
+    assert cp.array_equal(first, second), "two runs on the same input must be bitwise identical"
