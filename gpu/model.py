@@ -15,9 +15,9 @@ import numpy as np
 from reference import trace
 from reference.checkpoint import read_checkpoint_tensors, select_tensors
 from reference.config import JetMoeConfig
-from reference.losses import causal_lm_loss, load_balancing_loss
 from reference.model import (MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast,
-                             block_weights, check_inputs, classification_loss, pooling_positions)
+                             block_weights, causal_lm_losses, check_inputs, classification_loss,
+                             pooling_positions)
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
@@ -204,16 +204,11 @@ class JetMoeForCausalLM(_Pretrained):
         logits = linear(kept.reshape(batch * kept_tokens, hidden), self.lm_head).reshape(batch, kept_tokens, -1)
         trace.record("logits", logits)
         # Losses are a few scalars over logits already computed: the reference's NumPy code on host copies.
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(to_host(logits), to_host(labels))
-        aux_loss = None
-        if output_router_logits:
-            mask = None if attention_mask is None else to_host(attention_mask)[:, -h.shape[1]:]
-            aux_loss = load_balancing_loss([to_host(r) for r in out.router_logits], cfg.num_local_experts,
-                                           cfg.num_experts_per_tok, mask)
-            if loss is not None:
-                loss = loss + cfg.aux_loss_coef * aux_loss
+        loss, aux_loss = None, None
+        if labels is not None or output_router_logits:
+            router_logits = None if out.router_logits is None else [to_host(r) for r in out.router_logits]
+            loss, aux_loss = causal_lm_losses(cfg, to_host(logits), to_host(labels), router_logits,
+                                              to_host(attention_mask), h.shape[:2])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states,
                                          attentions=out.attentions, router_logits=out.router_logits)

@@ -247,11 +247,26 @@ class JetMoeModel(_Pretrained):
     forward = __call__
 
 
-def _check_labels(labels, shape, name="labels"):
-    labels = np.asarray(labels)
-    if labels.shape != shape:
-        raise ValueError(f"{name} has shape {labels.shape}, expected {shape}")
-    return labels
+def causal_lm_losses(cfg, logits, labels, router_logits, attention_mask, input_shape):
+    # logits: [B, T_kept, V], labels: [B, T] or None, router_logits: 2L x [N, E] or None -> (loss, aux_loss)
+    # Host arrays; shared with the GPU twin, which hands over host copies.
+    loss = aux_loss = None
+    if labels is not None:
+        labels = np.asarray(labels)  # dtype and range: checked by cross_entropy
+        if labels.shape != tuple(input_shape):
+            raise ValueError(f"labels has shape {labels.shape}, expected {tuple(input_shape)}")
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError(f"labels cover {labels.shape[1]} tokens but logits_to_keep kept "
+                             f"{logits.shape[1]}: use logits_to_keep=0 to compute a loss")
+        loss = causal_lm_loss(logits, labels)
+    if router_logits is not None:
+        # The intended behaviour of HF's JetMoeForCausalLM (which crashes here, transformers#31791): the
+        # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask.
+        mask = None if attention_mask is None else np.asarray(attention_mask)[:, -input_shape[1]:]
+        aux_loss = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, mask)
+        if loss is not None:
+            loss = loss + cfg.aux_loss_coef * aux_loss
+    return loss, aux_loss
 
 
 class JetMoeForCausalLM(_Pretrained):
@@ -285,22 +300,7 @@ class JetMoeForCausalLM(_Pretrained):
             kept = h[:, _int_array("logits_to_keep", logits_to_keep, 1)]
         logits = kept @ self.lm_head.T  # [B, T_kept, V]
         trace.record("logits", logits)
-        loss = None
-        if labels is not None:
-            labels = _check_labels(labels, h.shape[:2])  # dtype and range: checked by cross_entropy
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError(f"labels cover {labels.shape[1]} tokens but logits_to_keep kept "
-                                 f"{logits.shape[1]}: use logits_to_keep=0 to compute a loss")
-            loss = causal_lm_loss(logits, labels)
-        aux_loss = None
-        if output_router_logits:
-            # The intended behaviour of HF's JetMoeForCausalLM (which crashes here, transformers#31791): the
-            # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask.
-            tokens = h.shape[1]
-            mask = None if attention_mask is None else np.asarray(attention_mask)[:, -tokens:]
-            aux_loss = load_balancing_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, mask)
-            if loss is not None:
-                loss = loss + cfg.aux_loss_coef * aux_loss
+        loss, aux_loss = causal_lm_losses(cfg, logits, labels, out.router_logits, attention_mask, h.shape[:2])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states,
                                          attentions=out.attentions, router_logits=out.router_logits)
