@@ -20,6 +20,7 @@ from reference import trace
 
 from .device import require_cupy
 from .kernels import kernel
+from .linear import linear
 
 TOPK_THREADS = 256  # 8 warps, one token each
 PLAN_CHUNK = 1024  # slots per plan_count / plan_place block (its blockDim.x: a multiple of 32, <= 1024)
@@ -65,10 +66,8 @@ def block_offsets_from_counts(xp, counts, block_rows):
 
 def router_logits(x2d, router_weight):
     # x2d: [N, D] float32, router_weight: [E, D] float32 or bf16 bits (uint16) -> [N, E] float32
-    cp = require_cupy()
-    if router_weight.dtype == cp.uint16:  # bf16 bits are the upper half of a float32
-        router_weight = (router_weight.astype(cp.uint32) << 16).view(cp.float32)
-    return cp.ascontiguousarray(x2d @ router_weight.T, dtype=cp.float32)  # cuBLAS SGEMM (CuPy leaves TF32 off)
+    # Our linear kernel rather than cuBLAS: float32 FMAs with TF32 impossible, and capturable in a CUDA graph.
+    return linear(x2d, router_weight)
 
 
 def top_k_softmax(logits, top_k):

@@ -9,7 +9,7 @@ as garbage too. Non-finite float outputs are rejected.
 Tolerances, with their reasons:
 - top-k on given logits: indices identical to the kernel's NumPy model (same tie rule) and, on tie-free logits,
   to reference.routing; gates within 1e-6 (expf vs NumPy's exp, and a warp-tree vs NumPy's sum: ~1e-7).
-- top_k_gating end to end: logits are cuBLAS vs NumPy SGEMM (different summation order, normwise 1e-5); indices
+- top_k_gating end to end: logits are the linear kernel vs NumPy SGEMM (different summation order, normwise 1e-5); indices
   must match on rows whose top-(K+1) logits are separated by more than that error; gates within 1e-6 of a
   softmax over the GPU's own logits, and within 1e-6 + the logits' own error of the reference's.
 - plan: exact (integers), and identical to np.argsort(kind="stable") of the GPU's own top-k indices.
@@ -193,7 +193,7 @@ def test_top_k_gating_matches_reference(rng, poisoned_pool, weight_dtype, num_ex
     logits_err = float(np.max(np.abs(logits - want.logits)))
     assert logits_err <= 1e-5 * float(np.max(np.abs(want.logits))), f"logits err {logits_err:.3e}"
 
-    # Indices: identical wherever cuBLAS-vs-NumPy rounding cannot reorder the top K+1 logits.
+    # Indices: identical wherever kernel-vs-NumPy rounding cannot reorder the top K+1 logits.
     top = -np.sort(-want.logits, axis=1)[:, :top_k + 1]  # [N, K+1]
     clear = np.all(-np.diff(top, axis=1) > 4 * logits_err + 1e-6, axis=1)  # [N]; all True when K = E = 1
     assert clear.mean() > 0.5, "too few rows with clear margins: the index check would be vacuous"
