@@ -19,9 +19,12 @@ $(ORACLE): $(STAMP)
 	$(PIP) install --quiet -e ".[test,oracle]"
 	touch $(ORACLE)
 
-# test: the whole suite without torch: op ladder, goldens, errors, checkpoints (oracle tests are deselected).
+# test: the whole suite without torch: op ladder, goldens, errors, checkpoints, GPU host logic (oracle tests are
+# deselected; GPU parity tests skip without a GPU). It also compiles every gpu/kernels/*.cu with nvcc for sm_80 and sm_90 and prints the ptxas resource report.
 test: $(STAMP)
 	$(PY) -m pytest -m "not oracle" -q
+	@if [ -f build/kernel_resources.txt ]; then echo "ptxas resource report (build/kernel_resources.txt):"; \
+		cat build/kernel_resources.txt; fi
 
 # test-oracle: hypothesis-generated configs and inputs against live HF transformers (skips without them).
 test-oracle: $(ORACLE)

@@ -78,13 +78,13 @@ def embed(table, input_ids):
     return rows
 
 
-def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config):
+def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config, output_attentions):
     # h: [B, T, D] -> h, attention probs (or None), (attention logits [N, E], mlp logits [N, E])
     x = rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS)
     trace.record("input_layernorm", x)
     with trace.scope("attention"):
         attn_out, probs, attn_logits = moa(x, w.attention, positions, cache_position, attention_mask, cache,
-                                           layer_idx, config)
+                                           layer_idx, config, output_probs=output_attentions)
     h = h + attn_out
     trace.record("post_attention_residual", h)
     x = rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS)
@@ -159,7 +159,7 @@ class JetMoeModel(_Pretrained):
         for i, w in enumerate(self.layers):
             hidden_states.append(h)
             with trace.scope(f"layers.{i}"):
-                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, cfg)
+                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, cfg, output_attentions)
             attentions.append(probs)
             router_logits.extend(logits)
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)  # the only norm that uses config.rms_norm_eps

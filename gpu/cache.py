@@ -1,0 +1,223 @@
+"""The KV cache on the GPU; the twin of reference/cache.py.  Kernels: gpu/kernels/attention.cu (kv_cache_*).
+
+KVCache mirrors the reference: per layer, keys (after RoPE) and values as [B, H, capacity, Dh] device buffers,
+float32 or bfloat16 (stored as raw uint16 bits, rounded to nearest even on write), allocated once and doubled
+when a forward outgrows them, so decoding writes in place; update() returns views [B, H, S, Dh] of the buffers,
+which gpu.attention.attention reads without a copy (it takes their strides). The write position is a host int,
+so nothing syncs.
+
+StaticKVCache is the fixed-capacity variant for CUDA graphs: one captured decode step must be replayable as is,
+so nothing that changes between steps may live on the host. Its step boundaries live in a device int64 pair
+`offsets` = [start, end]: this step writes positions start..end-1 and attends over the first `end` keys.
+
+    cache = StaticKVCache.for_config(config, batch, dtype, capacity)  # capacity >= prompt + new tokens
+    mask = cupy.zeros((batch, capacity), cupy.int64); mask[:, :prompt] = prompt_mask   # caller-owned buffer
+    # each forward pass (prefill eagerly; a decode step captured once and replayed):
+    positions = cache.begin_step(tokens, attention_mask=mask)  # device: start = end, end += tokens;
+                                                                # positions = start..end-1; mask[:, start:end] = 1
+    for each layer i:
+        k, v = cache.update(i, k_new, v_new)                    # written at the device start; full-capacity views
+        context = gpu.attention.attention(q, k, v, positions, mask, top_k, num_keys=cache.num_keys,
+                                          out=..., workspace=...)   # preallocated: nothing allocated in capture
+    # capture: run one step eagerly first (it compiles the kernels and allocates the `positions` buffer of that
+    # many tokens), then stream.begin_capture(); <one step>; graph = stream.end_capture(); then per step: copy
+    # the step's inputs into the captured input buffers and graph.launch(stream). Every replay advances offsets.
+
+The device cannot raise: a step that runs past the capacity writes nothing beyond it and attention clamps the key
+count to the capacity; get_seq_length() (a device read that syncs, so not for a forward pass) shows where it is.
+"""
+
+import numpy as np
+
+from .device import require_cupy
+from .kernels import kernel
+
+__all__ = ["KVCache", "StaticKVCache", "storage_dtype"]
+
+WRITE_THREADS = 256
+WRITE_MAX_BLOCKS = 4096  # the write kernel loops over what a grid this size does not cover
+ADVANCE_THREADS = 256
+NULL = np.uint64(0)
+
+
+def storage_dtype(dtype):
+    """float32 -> float32; bfloat16 (ml_dtypes, 'bfloat16' or uint16 bits) -> uint16 holding bf16 bits."""
+    import ml_dtypes  # registers 'bfloat16' with NumPy
+
+    dt = np.dtype(ml_dtypes.bfloat16) if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype)
+    if dt == np.float32:
+        return np.dtype(np.float32)
+    if dt == np.dtype(ml_dtypes.bfloat16) or dt == np.uint16:
+        return np.dtype(np.uint16)
+    raise TypeError(f"the GPU KV cache holds float32 or bfloat16, got {dtype}")
+
+
+def _element_strides(array):
+    return tuple(np.int64(s // array.itemsize) for s in array.strides)
+
+
+class KVCache:
+    def __init__(self, num_layers, batch, heads, head_dim, dtype=np.float32, capacity=0):
+        cp = require_cupy()
+        self.storage_dtype = storage_dtype(dtype)  # float32, or uint16 bf16 bits
+        shape = (batch, heads, capacity, head_dim)
+        self._keys = [cp.zeros(shape, self.storage_dtype) for _ in range(num_layers)]
+        self._values = [cp.zeros(shape, self.storage_dtype) for _ in range(num_layers)]
+        self._lengths = [0] * num_layers
+
+    @classmethod
+    def for_config(cls, config, batch, dtype=np.float32, capacity=0):
+        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, config.kv_channels, dtype, capacity)
+
+    @property
+    def batch_size(self):
+        return self._keys[0].shape[0]
+
+    @property
+    def capacity(self):
+        return self._keys[0].shape[2]
+
+    @property
+    def is_bf16(self):
+        return self.storage_dtype == np.uint16
+
+    def get_seq_length(self, layer_idx=0):
+        """Tokens cached so far (HF's name)."""
+        return self._lengths[layer_idx]
+
+    def _grow(self, layer_idx, needed):
+        cp = require_cupy()
+        old_k, old_v = self._keys[layer_idx], self._values[layer_idx]
+        capacity = max(needed, 2 * old_k.shape[2])
+        length = self._lengths[layer_idx]
+        new_shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
+        self._keys[layer_idx] = cp.zeros(new_shape, old_k.dtype)
+        self._values[layer_idx] = cp.zeros(new_shape, old_v.dtype)
+        self._keys[layer_idx][:, :, :length] = old_k[:, :, :length]
+        self._values[layer_idx][:, :, :length] = old_v[:, :, :length]
+
+    def _check_new(self, layer_idx, k, v):
+        cp = require_cupy()
+        buf = self._keys[layer_idx]
+        if k.ndim != 4:
+            raise ValueError(f"KVCache.update: k must be [B, H, T, Dh], got shape {k.shape}")
+        expected = (buf.shape[0], buf.shape[1], k.shape[2], buf.shape[3])
+        if k.shape != expected or v.shape != expected:
+            raise ValueError(f"KVCache.update: k {k.shape} and v {v.shape} must be [B, H, T, Dh] = {expected}")
+        if k.dtype != cp.float32 or v.dtype != cp.float32:
+            raise TypeError(f"KVCache.update: k and v must be float32, got {k.dtype}, {v.dtype}")
+        if (k.shape[3] > 1 and (k.strides[3] != 4 or v.strides[3] != 4)) or min(k.strides + v.strides) < 0:
+            k, v = cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+        return k, v
+
+    def _write(self, layer_idx, k, v, start, start_dev):
+        # k, v: [B, H, T, Dh] float32 -> cache positions start..start+T-1 (start_dev: device [1] int64 instead)
+        batch, heads, tokens, head_dim = k.shape
+        total = batch * heads * tokens * head_dim
+        if total == 0:
+            return
+        suffix = "bf16" if self.is_bf16 else "f32"
+        blocks = min(-(-total // WRITE_THREADS), WRITE_MAX_BLOCKS)
+        kernel("attention", f"kv_cache_write_{suffix}")(
+            (blocks,), (WRITE_THREADS,),
+            (k, *_element_strides(k)[:3], v, *_element_strides(v)[:3], self._keys[layer_idx],
+             self._values[layer_idx], np.int64(self.capacity_of(layer_idx)), np.int64(start), start_dev,
+             np.int64(batch), np.int64(heads), np.int64(tokens), np.int64(head_dim)))
+
+    def capacity_of(self, layer_idx):
+        return self._keys[layer_idx].shape[2]
+
+    def update(self, layer_idx, k, v):
+        # k, v: [B, H, T, Dh] float32 new entries -> all keys and values so far, [B, H, S, Dh] (views, no copy)
+        k, v = self._check_new(layer_idx, k, v)
+        start = self._lengths[layer_idx]
+        end = start + k.shape[2]
+        if end > self._keys[layer_idx].shape[2]:
+            self._grow(layer_idx, end)
+        self._write(layer_idx, k, v, start, NULL)
+        self._lengths[layer_idx] = end
+        return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
+
+    @property
+    def key_cache(self):
+        # L x [B, H, S, Dh]
+        return [k[:, :, :n] for k, n in zip(self._keys, self._lengths)]
+
+    @property
+    def value_cache(self):
+        # L x [B, H, S, Dh]
+        return [v[:, :, :n] for v, n in zip(self._values, self._lengths)]
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __getitem__(self, layer_idx):
+        """(keys, values) of one layer, like indexing HF's legacy cache tuple."""
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+
+class StaticKVCache(KVCache):
+    """Fixed capacity, step offsets on the device (CUDA-graph replayable); see the module docstring."""
+
+    def __init__(self, num_layers, batch, heads, head_dim, dtype=np.float32, capacity=0):
+        if capacity <= 0:
+            raise ValueError(f"StaticKVCache needs a capacity > 0 (prompt + new tokens), got {capacity}")
+        super().__init__(num_layers, batch, heads, head_dim, dtype, capacity)
+        cp = require_cupy()
+        self.offsets = cp.zeros(2, cp.int64)  # [start, end] of the current step
+        self._positions = {}  # tokens -> the [tokens] int64 buffer begin_step fills (reused: capture-safe)
+
+    @property
+    def num_keys(self):
+        """Device int64 [1]: keys in use this step (end); pass as gpu.attention.attention(num_keys=...)."""
+        return self.offsets[1:2]
+
+    def begin_step(self, tokens, attention_mask=None):
+        """Starts a forward of `tokens` tokens on the device: start = end, end += tokens. Returns the device
+        cache_position [tokens] (start..end-1); marks those columns present in attention_mask [B, capacity] int64."""
+        cp = require_cupy()
+        tokens = int(tokens)
+        if tokens not in self._positions:
+            self._positions[tokens] = cp.empty(tokens, cp.int64)
+        positions = self._positions[tokens]
+        if attention_mask is None:
+            mask, mask_sb, width = NULL, np.int64(0), np.int64(0)
+        else:
+            if attention_mask.dtype != cp.int64 or attention_mask.ndim != 2 \
+                    or attention_mask.shape[0] != self.batch_size or attention_mask.strides[1] != 8:
+                raise ValueError("begin_step: attention_mask must be an int64 [B, capacity] buffer (last dim "
+                                 f"contiguous), got {attention_mask.dtype} {attention_mask.shape}")
+            mask, mask_sb = attention_mask, _element_strides(attention_mask)[0]
+            width = np.int64(attention_mask.shape[1])
+        kernel("attention", "kv_cache_advance")(
+            (1,), (ADVANCE_THREADS,),
+            (self.offsets, np.int64(tokens), positions, mask, mask_sb, np.int64(self.batch_size), width))
+        return positions
+
+    def update(self, layer_idx, k, v):
+        # k, v: [B, H, T, Dh] float32 -> the whole buffers [B, H, capacity, Dh]: written at the device start;
+        # attention uses the first `num_keys` keys
+        k, v = self._check_new(layer_idx, k, v)
+        self._write(layer_idx, k, v, 0, self.offsets[0:1])
+        return self._keys[layer_idx], self._values[layer_idx]
+
+    def get_seq_length(self, layer_idx=0):
+        """Tokens cached so far: a device read (syncs), not for a forward pass."""
+        return min(int(self.offsets[1]), self.capacity)
+
+    @property
+    def key_cache(self):
+        n = self.get_seq_length()
+        return [k[:, :, :n] for k in self._keys]
+
+    @property
+    def value_cache(self):
+        n = self.get_seq_length()
+        return [v[:, :, :n] for v in self._values]
+
+    def reset(self):
+        """Empties the cache (device-side; the buffers keep their contents but are no longer attended)."""
+        self.offsets.fill(0)
+
+    def _grow(self, layer_idx, needed):
+        raise RuntimeError("StaticKVCache has a fixed capacity")
