@@ -29,6 +29,8 @@ count to the capacity; get_seq_length() (a device read that syncs, so not for a 
 
 import numpy as np
 
+from reference.cache import CacheViews
+
 from .device import require_cupy
 from .kernels import kernel
 
@@ -56,7 +58,9 @@ def _element_strides(array):
     return tuple(np.int64(s // array.itemsize) for s in array.strides)
 
 
-class KVCache:
+class KVCache(CacheViews):
+    """Device buffers per layer; key_cache / value_cache / indexing come from reference's CacheViews."""
+
     def __init__(self, num_layers, batch, heads, head_dim, dtype=np.float32, capacity=0):
         cp = require_cupy()
         self.storage_dtype = storage_dtype(dtype)  # float32, or uint16 bf16 bits
@@ -137,23 +141,6 @@ class KVCache:
         self._write(layer_idx, k, v, start, NULL)
         self._lengths[layer_idx] = end
         return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
-
-    @property
-    def key_cache(self):
-        # L x [B, H, S, Dh]
-        return [k[:, :, :n] for k, n in zip(self._keys, self._lengths)]
-
-    @property
-    def value_cache(self):
-        # L x [B, H, S, Dh]
-        return [v[:, :, :n] for v, n in zip(self._values, self._lengths)]
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __getitem__(self, layer_idx):
-        """(keys, values) of one layer, like indexing HF's legacy cache tuple."""
-        return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
 
 class StaticKVCache(KVCache):

@@ -7,7 +7,29 @@ allocated once (and doubled when a forward outgrows it) so decoding writes in pl
 import numpy as np
 
 
-class KVCache:
+class CacheViews:
+    """HF-style read access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh] filled up to `_lengths`;
+    shared by this cache and the GPU twin's (gpu/cache.py)."""
+
+    @property
+    def key_cache(self):
+        # L x [B, H, S, Dh]
+        return [k[:, :, :n] for k, n in zip(self._keys, self._lengths)]
+
+    @property
+    def value_cache(self):
+        # L x [B, H, S, Dh]
+        return [v[:, :, :n] for v, n in zip(self._values, self._lengths)]
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __getitem__(self, layer_idx):
+        """(keys, values) of one layer, like indexing HF's legacy cache tuple."""
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+
+class KVCache(CacheViews):
     def __init__(self, num_layers, batch, heads, head_dim, dtype, capacity=0):
         self._keys = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]
         self._values = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]
@@ -49,20 +71,3 @@ class KVCache:
         self._values[layer_idx][:, :, start:end] = v
         self._lengths[layer_idx] = end
         return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
-
-    @property
-    def key_cache(self):
-        # L x [B, H, S, Dh]
-        return [k[:, :, :n] for k, n in zip(self._keys, self._lengths)]
-
-    @property
-    def value_cache(self):
-        # L x [B, H, S, Dh]
-        return [v[:, :, :n] for v, n in zip(self._values, self._lengths)]
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __getitem__(self, layer_idx):
-        """(keys, values) of one layer, like indexing HF's legacy cache tuple."""
-        return self.key_cache[layer_idx], self.value_cache[layer_idx]

@@ -39,17 +39,6 @@ from reference import trace  # noqa: E402
 F32 = np.dtype(np.float32)
 
 
-@pytest.fixture
-def poisoned_pool():
-    """Leave 64 MiB of 0xFF bytes as free memory in CuPy's pool; later cp.empty calls are carved out of it."""
-    pool = cp.get_default_memory_pool()
-    pool.free_all_blocks()
-    junk = cp.empty(64 << 20, dtype=cp.uint8)
-    junk.fill(0xFF)
-    del junk  # back to the pool, not to the driver: stream order keeps the fill before any later kernel
-    yield
-
-
 def nan_like(shape):
     return cp.full(shape, cp.nan, dtype=cp.float32)
 
