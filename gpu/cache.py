@@ -59,7 +59,7 @@ def _element_strides(array):
 
 
 class KVCache(CacheViews):
-    """Device buffers per layer; key_cache / value_cache / indexing come from reference's CacheViews."""
+    """Device buffers per layer; views, get_seq_length and growth come from reference's CacheViews."""
 
     def __init__(self, num_layers, batch, heads, head_dim, dtype=np.float32, capacity=0):
         cp = require_cupy()
@@ -85,20 +85,8 @@ class KVCache(CacheViews):
     def is_bf16(self):
         return self.storage_dtype == np.uint16
 
-    def get_seq_length(self, layer_idx=0):
-        """Tokens cached so far (HF's name)."""
-        return self._lengths[layer_idx]
-
-    def _grow(self, layer_idx, needed):
-        cp = require_cupy()
-        old_k, old_v = self._keys[layer_idx], self._values[layer_idx]
-        capacity = max(needed, 2 * old_k.shape[2])
-        length = self._lengths[layer_idx]
-        new_shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
-        self._keys[layer_idx] = cp.zeros(new_shape, old_k.dtype)
-        self._values[layer_idx] = cp.zeros(new_shape, old_v.dtype)
-        self._keys[layer_idx][:, :, :length] = old_k[:, :, :length]
-        self._values[layer_idx][:, :, :length] = old_v[:, :, :length]
+    def _allocate(self, shape, dtype):
+        return require_cupy().zeros(shape, dtype)
 
     def _check_new(self, layer_idx, k, v):
         cp = require_cupy()

@@ -8,8 +8,23 @@ import numpy as np
 
 
 class CacheViews:
-    """HF-style read access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh] filled up to `_lengths`;
-    shared by this cache and the GPU twin's (gpu/cache.py)."""
+    """HF-style access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh] filled up to `_lengths`, and
+    their growth; shared by this cache and the GPU twin's (gpu/cache.py), which differ only in `_allocate`."""
+
+    def get_seq_length(self, layer_idx=0):
+        """Tokens cached so far (HF's name)."""
+        return self._lengths[layer_idx]
+
+    def _grow(self, layer_idx, needed):
+        """Reallocate one layer with max(needed, 2 x capacity) slots (amortized O(1) per token), keeping its keys."""
+        old_k, old_v = self._keys[layer_idx], self._values[layer_idx]
+        capacity = max(needed, 2 * old_k.shape[2])
+        length = self._lengths[layer_idx]
+        new_shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
+        self._keys[layer_idx] = self._allocate(new_shape, old_k.dtype)
+        self._values[layer_idx] = self._allocate(new_shape, old_v.dtype)
+        self._keys[layer_idx][:, :, :length] = old_k[:, :, :length]
+        self._values[layer_idx][:, :, :length] = old_v[:, :, :length]
 
     @property
     def key_cache(self):
@@ -47,19 +62,8 @@ class KVCache(CacheViews):
     def capacity(self):
         return self._keys[0].shape[2]
 
-    def get_seq_length(self, layer_idx=0):
-        """Tokens cached so far (HF's name)."""
-        return self._lengths[layer_idx]
-
-    def _grow(self, layer_idx, needed):
-        old_k, old_v = self._keys[layer_idx], self._values[layer_idx]
-        capacity = max(needed, 2 * old_k.shape[2])
-        length = self._lengths[layer_idx]
-        new_shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
-        self._keys[layer_idx] = np.empty(new_shape, old_k.dtype)
-        self._values[layer_idx] = np.empty(new_shape, old_v.dtype)
-        self._keys[layer_idx][:, :, :length] = old_k[:, :, :length]
-        self._values[layer_idx][:, :, :length] = old_v[:, :, :length]
+    def _allocate(self, shape, dtype):
+        return np.empty(shape, dtype)
 
     def update(self, layer_idx, k, v):
         # k, v: [B, H, T, Dh] new entries -> all keys and values so far, [B, H, S, Dh] (views, no copy)
