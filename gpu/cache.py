@@ -69,18 +69,6 @@ class KVCache(CacheViews):
         self._values = [cp.zeros(shape, self.storage_dtype) for _ in range(num_layers)]
         self._lengths = [0] * num_layers
 
-    @classmethod
-    def for_config(cls, config, batch, dtype=np.float32, capacity=0):
-        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, config.kv_channels, dtype, capacity)
-
-    @property
-    def batch_size(self):
-        return self._keys[0].shape[0]
-
-    @property
-    def capacity(self):
-        return self._keys[0].shape[2]
-
     @property
     def is_bf16(self):
         return self.storage_dtype == np.uint16

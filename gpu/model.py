@@ -181,8 +181,7 @@ class JetMoeForCausalLM(_Pretrained):
         self.config = config
         self.model = JetMoeModel(config, tensors, dtype=dtype)
         self.dtype_name = self.model.dtype_name
-        tied = head_tensors["lm_head.weight"] is tensors["embed_tokens.weight"]
-        self.lm_head = (self.model.embed_tokens if tied else
+        self.lm_head = (self.model.embed_tokens if config.tie_word_embeddings else
                         upload("lm_head.weight", head_tensors["lm_head.weight"], self.dtype_name))  # [V, D]
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

@@ -8,8 +8,21 @@ import numpy as np
 
 
 class CacheViews:
-    """HF-style access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh] filled up to `_lengths`, and
-    their growth; shared by this cache and the GPU twin's (gpu/cache.py), which differ only in `_allocate`."""
+    """Construction from a config, HF-style access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh]
+    filled up to `_lengths`, and their growth; shared by this cache and the GPU twin's (gpu/cache.py), which
+    differ in storage (`__init__`, `_allocate`) and in how `update` writes."""
+
+    @classmethod
+    def for_config(cls, config, batch, dtype, capacity=0):
+        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, config.kv_channels, dtype, capacity)
+
+    @property
+    def batch_size(self):
+        return self._keys[0].shape[0]
+
+    @property
+    def capacity(self):
+        return self._keys[0].shape[2]
 
     def get_seq_length(self, layer_idx=0):
         """Tokens cached so far (HF's name)."""
@@ -49,18 +62,6 @@ class KVCache(CacheViews):
         self._keys = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]
         self._values = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]
         self._lengths = [0] * num_layers
-
-    @classmethod
-    def for_config(cls, config, batch, dtype, capacity=0):
-        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, config.kv_channels, dtype, capacity)
-
-    @property
-    def batch_size(self):
-        return self._keys[0].shape[0]
-
-    @property
-    def capacity(self):
-        return self._keys[0].shape[2]
 
     def _allocate(self, shape, dtype):
         return np.empty(shape, dtype)
