@@ -24,14 +24,15 @@ if transformers.__version__ != "4.56.2":
     pytest.skip(f"live oracle tests need transformers==4.56.2 (its JetMoe defines our semantics), found "
                 f"{transformers.__version__}", allow_module_level=True)
 
-from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import hf_oracle  # noqa: E402
 from parity import FLOAT32_RTOL, FLOAT64_RTOL, assert_matches, run_all  # noqa: E402
 
-from reference import JetMoeForCausalLM  # noqa: E402
+from reference import JetMoeForCausalLM, JetMoeForSequenceClassification  # noqa: E402
+from reference.model import pooling_positions  # noqa: E402
 from reference.generation import positions_from_mask  # noqa: E402
 from reference.trace import compare_tensor  # noqa: E402
 
@@ -178,7 +179,24 @@ def _seqcls_loss_amplification(hf64, inputs, num_labels):
     return out
 
 
-def float32_checks(hf32, hf64, inputs, num_labels):
+def _seqcls_logits_condition(model_dir, inputs):
+    """Condition number of the pooled logits: max_j sum_d |W[j, d] h[b, d]| / max|logits|, float64 reference.
+
+    Each pooled logit is a dot product of the final hidden state with a row of the score head, so its float32
+    rounding error scales with the sum of the |terms|, not with the logit: with batch=1 and num_labels=1 a single
+    logit of 7e-4 built from O(1) terms carries ~5e-8 of float32 rounding, a relative error HF float32 may miss
+    by luck (3e-6 measured) and we may not (7e-5). The float64 reference equals HF to 1e-10 by this point.
+    """
+    model = JetMoeForSequenceClassification.from_pretrained(f"{model_dir}/seqcls", dtype=np.float64)
+    out = model(input_ids=inputs["padded_ids"], attention_mask=inputs["padded_mask"], output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # [B, T, D]
+    pooled = hidden[np.arange(hidden.shape[0]), pooling_positions(model.config, inputs["padded_ids"],
+                                                                  hidden.shape[0])]  # [B, D]
+    terms = np.abs(pooled) @ np.abs(model.score.T)  # [B, num_labels]
+    return float(terms.max() / max(np.abs(out.logits).max(), 1e-300))
+
+
+def float32_checks(hf32, hf64, inputs, num_labels, logits_condition):
     """[(name, expected, rtol, where)] for the float32 comparison, in HF's output order.
 
     Normally HF float32 at FLOAT32_RTOL; ill-conditioned outputs against HF float64 (see ILL_CONDITIONED); the
@@ -187,12 +205,17 @@ def float32_checks(hf32, hf64, inputs, num_labels):
     """
     amplification = _seqcls_loss_amplification(hf64, inputs, num_labels)
     logits_want, logits_rtol, logits_where = _float32_check("seqcls.logits", hf32, hf64)
+    if logits_want is hf64["seqcls.logits"] and FLOAT32_RTOL * logits_condition > logits_rtol:
+        logits_rtol = FLOAT32_RTOL * logits_condition
+        logits_where += f", pooled logits at FLOAT32_RTOL x their condition number {logits_condition:.3g}"
     reference_outputs = hf64 if logits_want is hf64["seqcls.logits"] else hf32
     checks = []
     for name in hf32:
         if name == "router_margin":
             continue
-        if name in amplification:
+        if name == "seqcls.logits":
+            checks.append((name, logits_want, logits_rtol, logits_where))
+        elif name in amplification:
             checks.append((name, reference_outputs[name], FLOAT32_RTOL + logits_rtol * amplification[name],
                            f"{logits_where}, seqcls loss tolerance scaled by its conditioning "
                            f"({amplification[name]:.3g})"))
@@ -204,6 +227,13 @@ def float32_checks(hf32, hf64, inputs, num_labels):
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=cases)
+# Found by CI: batch 1, num_labels 1 (regression), a pooled logit of 7e-4 made of O(1) terms; HF float32 came
+# within 3e-6 of float64 by luck and ours within 7e-5, normal float32 rounding for that cancellation.
+@example(case=dict(config=dict(vocab_size=75, hidden_size=8, num_hidden_layers=1, num_key_value_heads=1,
+                               kv_channels=2, intermediate_size=4, num_local_experts=1, num_experts_per_tok=1,
+                               tie_word_embeddings=False, rms_norm_eps=1e-06, rope_theta=100.0, pad_token_id=0,
+                               eos_token_id=1, bos_token_id=0, max_position_embeddings=64, num_labels=1,
+                               aux_loss_coef=0.0), seed=0, batch=1, tokens=6))
 def test_matches_hf(case):
     config, seed = case["config"], case["seed"]
     note(f"config={config} seed={seed} batch={case['batch']} tokens={case['tokens']}")
@@ -229,7 +259,8 @@ def test_matches_hf(case):
         assume(margin > hf_oracle.MIN_ROUTER_MARGIN)
         hf32 = hf_oracle.run_checkpoint(model_dir, torch.float32, inputs)
         ours32 = run_all(model_dir, np.float32, inputs)
-        for name, want, rtol, where in float32_checks(hf32, hf64, inputs, config["num_labels"]):
+        for name, want, rtol, where in float32_checks(hf32, hf64, inputs, config["num_labels"],
+                                                      _seqcls_logits_condition(model_dir, inputs)):
             assert_matches(ours32, {name: want}, rtol, where)
 
 
