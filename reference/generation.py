@@ -1,14 +1,20 @@
-"""Greedy generation with a preallocated KV cache, following HF GenerationMixin's greedy search.
+"""Generation (greedy search and sampling) with a preallocated KV cache, following HF GenerationMixin.
 
 Shape legend: reference/config.py.
 - position_ids come from the attention mask: cumsum(mask) - 1, with 1 at padded positions (HF
   prepare_inputs_for_generation), so a left-padded prompt sees the positions it would see unpadded.
 - A sequence that has produced an eos keeps receiving pad tokens (pad_token_id, else the first eos) until
   every sequence is done or max_new_tokens is reached.
+- Sampling (do_sample=True) applies HF's logits warpers in HF's order, TemperatureLogitsWarper, TopKLogitsWarper,
+  TopPLogitsWarper (sampling_probabilities), to float32-or-better logits (HF: `.to(torch.float32)`), then draws
+  one token per row from a seeded NumPy Generator: the same seed gives the same tokens. The draws differ from
+  torch.multinomial's, so sampled text equals HF's in distribution, not token for token.
 """
 
 import numpy as np
 
+from .precision import compute_dtype
+from .routing import softmax
 from .trace import to_numpy
 
 
@@ -26,11 +32,54 @@ def positions_from_mask(attention_mask):
     return np.where(attention_mask == 0, 1, positions)
 
 
-def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False):
+def check_sampling(temperature, top_k, top_p):
+    """ValueError naming the first bad sampling setting (HF's GenerationConfig checks the same ranges)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} (greedy decoding is "
+                         "do_sample=False)")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def sampling_probabilities(logits, temperature=1.0, top_k=50, top_p=1.0):
+    # logits: [B, V] -> [B, V] probabilities of the tokens sampling may draw (0 for filtered-out tokens)
+    check_sampling(temperature, top_k, top_p)
+    scores = logits.astype(compute_dtype(logits.dtype)) / logits.dtype.type(temperature)  # TemperatureLogitsWarper
+    if 0 < top_k < scores.shape[-1]:
+        # TopKLogitsWarper: drop every score below the k-th largest (ties with it are kept)
+        kth = np.partition(scores, -top_k, axis=-1)[:, -top_k, None]  # [B, 1]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if top_p < 1:
+        # TopPLogitsWarper: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, but
+        # always keep the most likely one (min_tokens_to_keep=1)
+        order = np.argsort(scores, axis=-1, kind="stable")  # [B, V]
+        cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[:, -1] = False
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        scores = np.where(drop, -np.inf, scores)
+    return softmax(scores)
+
+
+def sample(probabilities, rng):
+    # probabilities: [B, V] -> [B] token ids, one inverse-CDF draw per row from rng (np.random.Generator)
+    cumulative = np.cumsum(probabilities, axis=-1)  # [B, V]
+    draws = rng.random(probabilities.shape[0]) * cumulative[:, -1]  # [B], scaled so rounding never overshoots
+    # the first token whose cumulative probability exceeds the draw: a token of probability 0 never is
+    return np.minimum((cumulative <= draws[:, None]).sum(axis=-1), probabilities.shape[-1] - 1)
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50,
+             top_p=1.0, seed=None, streamer=None):
     # input_ids: [B, T] -> [B, T + new] int64 NumPy, new <= max_new_tokens
     # model: anything with .config, .new_cache(batch, capacity) and HF's forward keywords (reference or gpu/)
+    # seed: int, None or np.random.Generator (do_sample only); streamer: called with each step's new tokens [B]
     if do_sample:
-        raise NotImplementedError("do_sample=True: sampling is not implemented yet; use greedy (do_sample=False)")
+        check_sampling(temperature, top_k, top_p)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     config = model.config
     input_ids = to_numpy(input_ids)  # NumPy or CuPy: the GPU twin runs this same loop
     if input_ids.ndim != 2:
@@ -54,10 +103,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
         positions = positions_from_mask(mask)[:, -step_ids.shape[1]:]  # [B, T_step]
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
-        next_tokens = to_numpy(out.logits[:, -1].argmax(axis=-1))  # [B]
+        if do_sample:  # on the host: the GPU twin copies [B, V] logits here, greedy only [B] ids
+            probabilities = sampling_probabilities(to_numpy(out.logits[:, -1]), temperature, top_k, top_p)
+            next_tokens = sample(probabilities, rng)  # [B]
+        else:
+            next_tokens = to_numpy(out.logits[:, -1].argmax(axis=-1))  # [B]
         next_tokens = np.where(unfinished, next_tokens, pad)
         tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        if streamer is not None:
+            streamer(next_tokens)
         unfinished &= ~np.isin(next_tokens, eos)
         if not unfinished.any():
             break

@@ -71,3 +71,15 @@ def top_k_gating(x, router_weight, top_k):
     trace.record("top_k_indices", top_k_indices)
     trace.record("top_k_gates", top_k_gates)
     return RoutingPlan(logits, top_k_indices, top_k_gates, sorted_slots, expert_offsets)
+
+
+def expert_load(router_logits, k, keep=None):
+    # router_logits: 2L x [N, E] (HF's order: layer 0 attention, layer 0 MLP, ...), keep: [N] bool or None
+    # -> [2L, E] share of the N*K top-k choices each expert received (uniform routing: 1/E everywhere)
+    # The Switch aux loss pushes towards uniform; an expert at 0 is dead (it never trains, it never runs).
+    loads = []
+    for logits in router_logits:
+        chosen = top_k_of(np.asarray(logits) if keep is None else np.asarray(logits)[keep], k)  # [N', K]
+        counts = np.bincount(chosen.reshape(-1), minlength=logits.shape[-1])  # [E]
+        loads.append(counts / max(chosen.size, 1))
+    return np.stack(loads)

@@ -263,11 +263,19 @@ def test_unsupported_model_dtype(seed, tmp_path, dtype):
     assert JetMoeForCausalLM.from_pretrained(str(tmp_path), dtype=np.float32).dtype == np.float32  # control
 
 
-def test_sampling_not_implemented(model, rng):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), r"temperature must be a number > 0 when sampling, got 0.0 \(greedy decoding is"),
+    (dict(temperature=-1.0), r"temperature must be a number > 0 when sampling, got -1.0"),
+    (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 keeps every token\), got -1"),
+    (dict(top_k=2.5), r"top_k must be an integer >= 0 .*got 2.5"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1 keeps every token\), got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\] .*got 1.5"),
+])
+def test_bad_sampling_settings(model, rng, kwargs, message):
     ids = random_ids(rng, 1, 3)
-    with pytest.raises(NotImplementedError, match=r"do_sample=True: sampling is not implemented"):
-        model.generate(ids, do_sample=True, max_new_tokens=2)
-    assert model.generate(ids, do_sample=False, max_new_tokens=2).shape[1] >= 4  # control: greedy works
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, do_sample=True, max_new_tokens=2, **kwargs)
+    assert model.generate(ids, do_sample=True, max_new_tokens=2, seed=0).shape[1] >= 4  # control: defaults work
 
 
 # ---------------------------------------------------------------- max_position_embeddings

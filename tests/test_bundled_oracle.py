@@ -1,0 +1,99 @@
+"""The bundled model against Hugging Face transformers 4.56.2: greedy generate, the evaluate loss and sampling's
+filtered probabilities (HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper).
+
+Marked oracle: `make test-oracle` runs it (the oracle extra: CPU torch, transformers==4.56.2); without them it skips.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="live oracle tests need torch (pip install -e '.[oracle]')")
+transformers = pytest.importorskip("transformers",
+                                   reason="live oracle tests need transformers==4.56.2 (pip install -e '.[oracle]')")
+if transformers.__version__ != "4.56.2":
+    pytest.skip(f"live oracle tests need transformers==4.56.2, found {transformers.__version__}",
+                allow_module_level=True)
+
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import hf_oracle  # noqa: E402
+
+from reference import JetMoeForCausalLM  # noqa: E402
+from reference.evaluate import mean_loss, windows  # noqa: E402
+from reference.generation import sampling_probabilities  # noqa: E402
+from reference.tokenizer import Tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+
+MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                     "jetmoe-tiny-shakespeare")
+PROMPTS = ["ROMEO:", "O, what a noble mind is here o'erthrown!\nHAMLET:"]
+PASSAGE = """JULIET:
+O Romeo, Romeo! wherefore art thou Romeo?
+Deny thy father and refuse thy name;
+Or, if thou wilt not, be but sworn my love,
+And I'll no longer be a Capulet.
+"""
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_pretrained(MODEL)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_greedy_generate_equals_hf(tokenizer, dtype):
+    """Batched, left-padded, 40 new tokens. float64 on both sides (HF with the float64 precision patch) must agree
+    exactly; float32 too, on these fixed prompts (their greedy margins were checked to be clear when written)."""
+    ids, mask = tokenizer.encode_batch(PROMPTS)
+    ours = JetMoeForCausalLM.from_pretrained(MODEL, dtype=np.dtype(dtype).type).generate(
+        ids, attention_mask=mask, max_new_tokens=40)
+    precision = hf_oracle.float64_precision() if dtype == "float64" else torch.no_grad()
+    with precision, torch.no_grad():
+        hf = hf_oracle.load_hf(MODEL, getattr(torch, dtype)).generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=40, do_sample=False)
+    np.testing.assert_array_equal(ours, hf.numpy())
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-10), ("float32", 1e-5)])  # round-off of each dtype
+def test_evaluate_loss_equals_hf(tokenizer, dtype, rtol):
+    ids = np.asarray(tokenizer.encode(PASSAGE))
+    context = 24  # several windows, the last one shorter
+    loss, count = mean_loss(JetMoeForCausalLM.from_pretrained(MODEL, dtype=np.dtype(dtype).type), ids, context)
+    precision = hf_oracle.float64_precision() if dtype == "float64" else torch.no_grad()
+    total = 0.0
+    with precision, torch.no_grad():
+        hf = hf_oracle.load_hf(MODEL, getattr(torch, dtype))
+        for chunk in windows(ids, context):
+            chunk = torch.from_numpy(chunk)[None]
+            # hf_oracle.causal_lm_loss: HF's ForCausalLMLoss, in float64 without its `.float()` cast
+            loss_of_chunk = hf_oracle.causal_lm_loss(hf(input_ids=chunk).logits, chunk, hf.config.vocab_size)
+            total += float(loss_of_chunk) * (chunk.shape[1] - 1)
+    assert count == len(ids) - len(windows(ids, context))
+    assert loss == pytest.approx(total / count, rel=rtol)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 1.0), (0.7, 20, 0.9), (1.3, 0, 0.5),
+                                                       (0.8, 50, 0.95), (1.0, 1, 1.0)])
+def test_filtered_probabilities_equal_hf_warpers(tokenizer, seed, temperature, top_k, top_p):
+    """On the bundled model's next-token logits for a batch of prompts (float32, as HF samples them) and on random
+    logits: the probabilities we sample from equal softmax of HF's warpers' output."""
+    ids, mask = tokenizer.encode_batch(PROMPTS)
+    model_logits = JetMoeForCausalLM.from_pretrained(MODEL)(input_ids=ids, attention_mask=mask,
+                                                            logits_to_keep=1).logits[:, -1]
+    random_logits = np.random.default_rng(seed).normal(0, 4, size=(3, 300)).astype(np.float32)
+    for logits in [model_logits, random_logits]:
+        scores = torch.from_numpy(logits.copy())
+        for warper in [TemperatureLogitsWarper(temperature) if temperature != 1.0 else None,
+                       TopKLogitsWarper(top_k) if top_k else None, TopPLogitsWarper(top_p) if top_p < 1 else None]:
+            if warper is not None:
+                scores = warper(None, scores)
+        want = torch.softmax(scores, dim=-1).numpy()
+        got = sampling_probabilities(logits, temperature, top_k, top_p)
+        np.testing.assert_array_equal(got > 0, want > 0)  # the same tokens survive the filters
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # float32 softmax, summation order differs
