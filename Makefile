@@ -3,8 +3,10 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
+NOTEBOOKS := .venv/.installed-notebooks
 
-.PHONY: run setup setup-oracle test test-oracle goldens train-tiny bench-cpu gpu-check clean
+.PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens train-tiny bench-cpu \
+	gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
 PROMPT  ?= ROMEO:
@@ -27,6 +29,12 @@ $(ORACLE): $(STAMP)
 	$(PIP) install --quiet -e ".[test,oracle]"
 	touch $(ORACLE)
 
+# setup-notebooks: add matplotlib, jupyter, nbclient and nbmake to the oracle set-up (notebook 7 compares with HF).
+setup-notebooks: $(NOTEBOOKS)
+$(NOTEBOOKS): $(ORACLE)
+	$(PIP) install --quiet -e ".[test,oracle,notebooks]"
+	touch $(NOTEBOOKS)
+
 # test: the whole suite without torch: op ladder, goldens, errors, checkpoints, GPU host logic (oracle tests are
 # deselected; GPU parity tests skip without a GPU). It also compiles every gpu/kernels/*.cu with nvcc for sm_80 and sm_90 and prints the ptxas resource report.
 test: $(STAMP)
@@ -37,6 +45,15 @@ test: $(STAMP)
 # test-oracle: hypothesis-generated configs and inputs against live HF transformers (skips without them).
 test-oracle: $(ORACLE)
 	$(PY) -m pytest -m oracle -q
+
+# test-notebooks: execute every notebook in notebooks/ (nbmake) and fail on any error; the files are not changed.
+test-notebooks: $(NOTEBOOKS)
+	$(PY) -m pytest --nbmake notebooks -q -p no:cacheprovider
+
+# notebooks: execute the notebooks and write their outputs back into them (commit the result).
+notebooks: $(NOTEBOOKS)
+	cd notebooks && ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=300 --ExecutePreprocessor.kernel_name=python3 *.ipynb
 
 # goldens: rebuild tests/golden/ from HF transformers 4.56.2 (scripts/make_goldens.py).
 goldens: $(ORACLE)

@@ -23,14 +23,22 @@ class Trace(dict):
         self._prefix = []
 
     def save(self, path):
-        """Write the trace to safetensors so another runtime can be compared offline."""
+        """Write the trace to safetensors so another runtime can be compared offline. safetensors files keep no
+        order, so the forward order goes into the header's metadata ("order": the names, comma-separated)."""
         from safetensors.numpy import save_file
-        save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in self.items()}, path)
+        save_file({k: np.ascontiguousarray(to_numpy(v)) for k, v in self.items()}, path,
+                  metadata={"order": ",".join(self)})
 
     @classmethod
     def load(cls, path):
+        """A saved trace, in forward order when the file records it (a port's own file may not: then by name)."""
+        from safetensors import safe_open
         from safetensors.numpy import load_file
-        return cls(load_file(path))
+        tensors = load_file(path)
+        with safe_open(path, framework="numpy") as f:
+            order = (f.metadata() or {}).get("order", "")
+        names = [n for n in order.split(",") if n in tensors] if order else []
+        return cls([(n, tensors[n]) for n in names] + [(n, t) for n, t in tensors.items() if n not in set(names)])
 
 
 def to_numpy(value):

@@ -97,3 +97,31 @@ def test_filtered_probabilities_equal_hf_warpers(tokenizer, seed, temperature, t
         got = sampling_probabilities(logits, temperature, top_k, top_p)
         np.testing.assert_array_equal(got > 0, want > 0)  # the same tokens survive the filters
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # float32 softmax, summation order differs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_debugger_reference_agrees_with_hf(capsys, dtype):
+    """`python -m reference.debug compare --against hf`: every one of the 129 names maps to an HF tensor and agrees
+    (float32 within 1e-4, float64 within 1e-9: the debugger's defaults)."""
+    from reference.debug import main
+    status = main(["compare", MODEL, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--against", "hf",
+                   "--dtype", dtype])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "no divergence: all 129 shared tensors agree" in out and "no counterpart" not in out
+
+
+def test_debugger_finds_port_bug_against_hf(tmp_path):
+    """The repeat_interleave port of tests/test_debug.py, compared with HF's hooked trace instead of the reference."""
+    import hf_trace
+    from reference.debug import comparison_rows, format_table
+    from reference.trace import Trace
+    from test_debug import attention_probs_repeat_interleave, port_trace
+    from test_debug import PROMPTS as PORT_PROMPTS
+    port = Trace.load(port_trace(tmp_path / "port.safetensors", MODEL,
+                                 attention_probs=attention_probs_repeat_interleave))
+    ids, mask = Tokenizer.from_pretrained(MODEL).encode_batch(PORT_PROMPTS)
+    rows = comparison_rows({n: v for n, v in port.items() if not n.startswith("inputs.")},
+                           hf_trace.hf_trace(MODEL, ids, mask, np.float32), rtol=1e-4, atol=0.0)
+    _, first = format_table(rows, show_all=False)
+    assert first is not None and first.name == "layers.0.attention.probs"

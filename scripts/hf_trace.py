@@ -1,0 +1,152 @@
+"""Hugging Face's JetMoe forward, recorded under the reference's trace names (README.md "Trace names").
+
+Used by `python -m reference.debug compare --against hf`, tests/test_debug_oracle.py and notebook 7; needs the oracle
+extra (CPU torch, transformers==4.56.2). Forward hooks on HF's modules catch what each module returns; where HF
+keeps a tensor in expert-sorted order (the expert projections see their inputs grouped by expert), it is put back
+into the reference's slot order [N, K, ...] with HF's own index_sorted_experts. Two intermediates live inside
+plain functions rather than modules: the RoPE outputs are caught by wrapping HF's apply_rotary_pos_emb while the
+trace runs. Everything else of the reference's trace has an HF counterpart; none is recomputed here.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+from transformers.models.jetmoe import modeling_jetmoe as hf
+
+import hf_oracle
+
+
+def _np(tensor):
+    return tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).numpy()
+
+
+def _routing(router_outputs, k):
+    """HF JetMoeTopKGating outputs -> (index_sorted_experts [N*K], top_k_indices [N, K], top_k_gates [N, K]).
+
+    HF returns the routing grouped by expert: index_sorted_experts[j] is the slot (n*K + choice) at grouped
+    position j, expert_size[e] how many slots expert e got, batch_gates[j] the gate of that slot."""
+    index_sorted, _, batch_gates, expert_size, _ = router_outputs
+    expert_of_position = torch.repeat_interleave(torch.arange(len(expert_size)), torch.tensor(expert_size))
+    slots = index_sorted.numel()
+    indices = torch.empty(slots, dtype=torch.long)
+    indices[index_sorted] = expert_of_position
+    gates = torch.empty(slots, dtype=batch_gates.dtype)
+    gates[index_sorted] = batch_gates
+    return index_sorted, indices.view(-1, k), gates.view(-1, k)
+
+
+def _ungroup(grouped, index_sorted, shape):
+    # grouped: [N*K, X] rows in expert order -> reshaped to `shape` in slot order (row s = token n's choice k)
+    out = torch.empty_like(grouped)
+    out[index_sorted] = grouped
+    return out.reshape(shape)
+
+
+@contextlib.contextmanager
+def recording(model):
+    """with recording(hf_causal_lm) as trace: hf_causal_lm(...)  ->  {reference trace name: float64/int64 array}."""
+    trace = {}
+    state = {}  # the layer being run and the routing of its two routers (needed to ungroup expert tensors)
+    config = model.config
+    k, heads, head_dim = config.num_experts_per_tok, config.num_key_value_heads, config.kv_channels
+    handles = []
+
+    def hook(module, name_of, kind="output"):
+        def on_output(_, inputs, output):
+            name_of(inputs, output)
+
+        def on_input(_, inputs):
+            name_of(inputs, None)
+
+        register = module.register_forward_hook if kind == "output" else module.register_forward_pre_hook
+        handles.append(register(on_output if kind == "output" else on_input))
+
+    def record(name, value):
+        trace[f"layers.{state['layer']}.{name}" if name[0] != "/" else name[1:]] = _np(value)
+
+    hook(model.model.embed_tokens, lambda i, o: record("/embed_tokens", o))
+    for index, layer in enumerate(model.model.layers):
+        attention, moa, mlp = layer.self_attention, layer.self_attention.experts, layer.mlp
+
+        def start(i, o, index=index):
+            state["layer"] = index
+        hook(layer, start, kind="input")
+        hook(layer.input_layernorm, lambda i, o: record("input_layernorm", o))
+
+        def router(prefix):
+            def on_router(i, o):
+                state[prefix], indices, gates = _routing(o, k)
+                record(f"{prefix}.router.logits", o[4])
+                record(f"{prefix}.router.top_k_indices", indices)
+                record(f"{prefix}.router.top_k_gates", gates)
+            return on_router
+        hook(moa.router, router("attention"))
+        hook(mlp.router, router("mlp"))
+
+        def query(i, o):  # [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
+            shape = trace[f"layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
+            record("attention.query", _ungroup(o, state["attention"], shape))
+        hook(moa.input_linear, query)
+
+        def key_value(i, o):  # [B, T, 2*H*Dh] -> key, value [B, H, T, Dh] (HF: chunk, view, transpose)
+            b, t, _ = o.shape
+            for name, part in zip(["key", "value"], o.chunk(2, dim=-1)):
+                record(f"attention.{name}", part.view(b, t, heads, head_dim).transpose(1, 2))
+        hook(attention.kv_proj, key_value)
+
+        def context(i, o):  # output_linear's input: [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
+            shape = trace[f"layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
+            record("attention.context", _ungroup(i[0], state["attention"], shape))
+        hook(moa.output_linear, context, kind="input")
+
+        def attention_out(i, o):  # (attn_output, attn_weights or None, router_logits)
+            if o[1] is not None:
+                record("attention.probs", o[1])
+            record("attention.output", o[0])
+        hook(attention, attention_out)
+        hook(layer.post_attention_layernorm, lambda i, o: record("post_attention_residual", i[0]), kind="input")
+        hook(layer.post_attention_layernorm, lambda i, o: record("post_attention_layernorm", o))
+
+        def expert_act(i, o):  # [N*K, F] grouped -> [N, K, F]
+            record("mlp.expert_act", _ungroup(i[0], state["mlp"], (-1, k, i[0].shape[-1])))
+        hook(mlp.output_linear, expert_act, kind="input")
+
+        def expert_out(i, o):  # [N*K, D] grouped, before gating -> [N, K, D]
+            record("mlp.expert_out", _ungroup(o, state["mlp"], (-1, k, o.shape[-1])))
+        hook(mlp.output_linear, expert_out)
+        hook(mlp, lambda i, o: record("mlp.output", o[0]))
+        hook(layer, lambda i, o: record("output", o[0]))
+    hook(model.model.norm, lambda i, o: record("/norm", o))
+
+    original_rope = hf.apply_rotary_pos_emb
+
+    def rope(q, k_, cos, sin, *args, **kwargs):
+        q_rope, k_rope = original_rope(q, k_, cos, sin, *args, **kwargs)
+        record("attention.query_rope", q_rope)
+        record("attention.key_rope", k_rope)
+        return q_rope, k_rope
+
+    hf.apply_rotary_pos_emb = rope
+    try:
+        yield trace
+    finally:
+        hf.apply_rotary_pos_emb = original_rope
+        for handle in handles:
+            handle.remove()
+
+
+def hf_trace(model_dir, input_ids, attention_mask=None, dtype=np.float32, model=None):
+    """{name: array} of HF's forward on input_ids [B, T] (eager attention, output_attentions=True), in the
+    reference's forward order. float64 runs HF under hf_oracle.float64_precision(), as the goldens do."""
+    torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+    model = model if model is not None else hf_oracle.load_hf(model_dir, torch_dtype)
+    precision = hf_oracle.float64_precision() if torch_dtype == torch.float64 else contextlib.nullcontext()
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    positions = None if mask is None else hf_oracle.hf_generation_positions(mask)
+    with precision, torch.no_grad(), recording(model) as trace:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True,
+                    use_cache=False)
+        trace["logits"] = _np(out.logits)
+    return trace
