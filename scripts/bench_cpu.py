@@ -2,8 +2,10 @@
 
 Config "JetMoE-small" (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000) with random weights shared by both
 sides. Measures prefill of 1x512 tokens and decode of 64 tokens with the KV cache at batch 1 (after a 64-token
-prompt), median of repeats, and prints a markdown table of seconds and ratios (HF time / reference time: above
-1 means the reference is faster). Needs the oracle extra (torch, transformers).
+prompt), then end-to-end greedy generation (`model.generate` against HF's `generate`, 64 new tokens after a
+16-token prompt, eos disabled so both make every token) at batch 1 and 8 on JetMoE-small and on the bundled
+weights/jetmoe-tiny-shakespeare. Median of repeats; prints a markdown table of seconds and ratios (HF time /
+reference time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
 """
 
 import argparse
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_oracle  # noqa: E402
 from reference import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
 
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "jetmoe-tiny-shakespeare")
 SMALL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2,
              num_key_value_heads=8, kv_channels=64, intermediate_size=2816, max_position_embeddings=4096)
 
@@ -55,6 +58,29 @@ def hf_decode(model, prompt, steps):
     return time.perf_counter() - start
 
 
+def generation_rows(label, ours, hf_model, args):
+    """[(workload, reference s, HF s, new tokens)] of greedy generate at batch 1 and 8; both must agree."""
+    rows = []
+    ours.config.eos_token_id = None  # every row makes all max_new_tokens tokens on both sides: equal work
+    for batch in (1, 8):
+        prompt = np.random.default_rng(batch).integers(3, ours.config.vocab_size, size=(batch, 16))
+        new = args.generate_tokens
+
+        def run_ours():
+            return ours.generate(prompt, max_new_tokens=new)
+
+        def run_hf():
+            ids = torch.from_numpy(prompt)
+            with torch.no_grad():
+                return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+        # min_new_tokens keeps HF from stopping at eos; the first new tokens must agree, or the work differs
+        assert np.array_equal(run_ours()[:, :20], run_hf().numpy()[:, :20]), "greedy tokens differ: unequal work"
+        rows.append((f"generate {label}, batch {batch}, {new} new tokens", median_time(run_ours, args.repeats),
+                     median_time(run_hf, args.repeats), batch * new))
+    return rows
+
+
 def machine_description(threads):
     cpu = "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
@@ -71,6 +97,7 @@ def main():
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--generate-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -100,9 +127,14 @@ def main():
     t_hf = statistics.median(hf_decode(hf_model, torch.from_numpy(prompt), args.decode_tokens)
                              for _ in range(args.repeats))
     rows.append((f"decode {args.decode_tokens} tokens, batch 1", t_ref, t_hf, args.decode_tokens))
+    rows += generation_rows("JetMoE-small", ours, hf_model, args)
+    tiny_ours = JetMoeForCausalLM.from_pretrained(TINY, dtype=np.float32)
+    tiny_hf = hf_oracle.load_hf(TINY, torch.float32)
+    rows += generation_rows("jetmoe-tiny-shakespeare", tiny_ours, tiny_hf, args)
 
     print(f"Machine: {machine_description(args.threads)}")
-    print("Model: JetMoE-small (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000), float32, random weights\n")
+    print("Models: JetMoE-small (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000, random weights) and the "
+          "bundled jetmoe-tiny-shakespeare, float32\n")
     print("| workload | reference s | HF eager s | reference tokens/s | HF tokens/s | HF time / reference time |")
     print("|---|---|---|---|---|---|")
     for name, r, h, n in rows:
