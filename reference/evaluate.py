@@ -35,7 +35,8 @@ def mean_loss(model, ids, context, batch=8):
     groups += [c[None] for c in chunks[len(full):]]
     for group in groups:  # [b, t]
         # HF's causal-LM loss is the mean over the b*(t-1) shifted labels; weight it back to a sum
-        loss = model(input_ids=group, labels=group, use_cache=False).loss
+        # output_router_logits=False: a config asking for router logits would add aux_loss_coef * aux to .loss
+        loss = model(input_ids=group, labels=group, use_cache=False, output_router_logits=False).loss
         predicted = group.shape[0] * (group.shape[1] - 1)
         total += float(loss) * predicted
         count += predicted

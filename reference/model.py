@@ -108,6 +108,7 @@ def additive_mask(attention_mask, cache_position, num_keys, dtype):
     # HF _prepare_4d_causal_attention_mask_with_cache_position: key s is hidden from query t when
     # s > cache_position[t] or attention_mask[b, s] == 0. A fully hidden row (a left-pad query) then holds
     # only finfo.min and softmax makes it uniform: finite in float32 and float64 alike.
+    dtype = np.dtype(dtype)
     allowed = np.arange(num_keys)[None, :] <= cache_position[:, None]  # [T, S]
     allowed = allowed[None, None]  # [1, 1, T, S]
     if attention_mask is not None:

@@ -11,6 +11,7 @@ from .precision import compute_dtype
 
 def inv_frequencies(head_dim, theta, dtype):
     # -> [Dh/2]: theta^(-2i/Dh), built like HF's default rope init (arange(0, Dh, 2) / Dh) in `dtype`
+    dtype = np.dtype(dtype)
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(dtype) / dtype.type(head_dim)
     return dtype.type(1.0) / (dtype.type(theta) ** exponents)
 

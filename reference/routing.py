@@ -58,11 +58,16 @@ def softmax(x, axis=-1):
 
 def top_k_gating(x, router_weight, top_k):
     # x: [N, D], router_weight: [E, D] -> RoutingPlan
-    num_experts = router_weight.shape[0]
     logits = (x @ router_weight.T).astype(compute_dtype(x.dtype), copy=False)  # [N, E]
+    return plan_from_logits(logits, top_k, x.dtype)
+
+
+def plan_from_logits(logits, top_k, gate_dtype):
+    # logits: [N, E] float32 or better -> RoutingPlan, gates cast to gate_dtype (HF: .type_as(hidden_states))
+    num_experts = logits.shape[1]
     top_k_indices = top_k_of(logits, top_k)  # [N, K]
     top_k_logits = np.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
-    top_k_gates = softmax(top_k_logits, axis=1).astype(x.dtype, copy=False)  # [N, K]
+    top_k_gates = softmax(top_k_logits, axis=1).astype(gate_dtype, copy=False)  # [N, K]
     flat_experts = top_k_indices.reshape(-1)  # [N*K]
     sorted_slots = np.argsort(flat_experts, kind="stable")  # [N*K]
     counts = np.bincount(flat_experts, minlength=num_experts)  # [E]

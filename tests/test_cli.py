@@ -160,3 +160,13 @@ def test_text_file_not_utf8(tmp_path):
 def test_text_file_missing(tmp_path):
     assert_user_error(run("reference.evaluate", "--model", MODEL, "--text-file", str(tmp_path / "none.txt")), 1,
                       "does not exist")
+
+
+def test_mean_loss_is_cross_entropy_only():
+    """A config that asks for router logits makes .loss include aux_loss_coef * aux; evaluate must not report it."""
+    model, tokenizer = JetMoeForCausalLM.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
+    ids = tokenizer.encode(TEXT)
+    plain, _ = mean_loss(model, ids, 16)
+    model.config.output_router_logits = True
+    assert model(input_ids=np.asarray([ids[:16]]), labels=np.asarray([ids[:16]])).aux_loss > 0  # control
+    assert mean_loss(model, ids, 16)[0] == plain
