@@ -46,6 +46,15 @@ def load(model_dir, dtype):
     return model, tokenizer
 
 
+def check_prompts(prompts):
+    """ValueError for a missing or empty prompt: a model continues text, it cannot start from nothing."""
+    if not prompts:
+        raise ValueError("give a prompt, e.g. --prompt 'ROMEO:'")
+    for prompt in prompts:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: give some text to continue, e.g. --prompt 'ROMEO:'")
+
+
 def non_negative_int(text):
     value = _number(text, int)
     if value < 0:

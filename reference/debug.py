@@ -108,11 +108,9 @@ def inputs_for(args, tokenizer, saved):
         ids = np.asarray(saved[INPUT_NAMES[0]], dtype=np.int64)
         mask = np.asarray(saved.get(INPUT_NAMES[1], np.ones_like(ids)), dtype=np.int64)
         return ids, mask
-    if not args.prompt:
+    if saved is not None and not args.prompt:
         raise ValueError("give --prompt (the trace file holds no inputs.input_ids to run on)")
-    for prompt in args.prompt:
-        if not prompt.strip():
-            raise ValueError("the prompt is empty: give some text, e.g. --prompt 'ROMEO:'")
+    cli.check_prompts(args.prompt)
     return tokenizer.encode_batch(args.prompt)
 
 

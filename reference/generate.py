@@ -38,9 +38,7 @@ def parse_args(argv):
 
 def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
     """Left-padded ids [B, T] and mask [B, T]; a clear error for an empty prompt or one that cannot fit."""
-    for prompt in prompts:
-        if not prompt.strip():
-            raise ValueError("the prompt is empty: give some text to continue, e.g. --prompt 'ROMEO:'")
+    cli.check_prompts(prompts)
     ids, mask = tokenizer.encode_batch(prompts)
     longest = int(mask.sum(axis=1).max())
     limit = config.max_position_embeddings

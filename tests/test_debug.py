@@ -125,7 +125,7 @@ def test_cli_subprocess_exit_status(tmp_path):
     (["compare", MODEL, "--against", "/nonexistent/trace.safetensors"], "neither hf, gpu nor an existing"),
     (["compare", MODEL, "--against", "{corrupt}"], "is not a readable safetensors trace"),
     (["compare", MODEL, "--against", "{no_inputs}"], "give --prompt"),
-    (["dump", MODEL, "--out", "{out}"], "give --prompt"),
+    (["dump", MODEL, "--out", "{out}"], "give a prompt"),
     (["dump", MODEL, "--prompt", " ", "--out", "{out}"], "the prompt is empty"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message):
