@@ -86,7 +86,9 @@ def main(argv=None):
                             streamer=print_new_text if streaming else None, **sampling)
     seconds = time.perf_counter() - started
     new = tokens[:, ids.shape[1]:]  # [B, new]
-    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)  # [B, T + new]
+    lengths = np.array([generated_length(row, config) for row in new])  # [B]: the pads after an eos excluded
+    new_mask = (np.arange(new.shape[1])[None, :] < lengths[:, None]).astype(np.int64)  # [B, new]
+    full_mask = np.concatenate([mask, new_mask], axis=1)  # [B, T + new]
     if streaming:
         print(stream.flush())
     else:
@@ -94,7 +96,7 @@ def main(argv=None):
             print(f"--- prompt {prompt!r}\n{tokenizer.decode(row[row_mask == 1])}\n")
     if args.no_stats:
         return 0
-    generated = int(sum(generated_length(row, config) for row in new))
+    generated = int(lengths.sum())
     print(f"\n{generated} new tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
           f"(batch {len(args.prompt)}, {args.dtype}, prompt {ids.shape[1]} tokens)", file=sys.stderr)
     out = model.model(input_ids=tokens, attention_mask=full_mask, position_ids=positions_from_mask(full_mask),
