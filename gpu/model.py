@@ -219,7 +219,8 @@ class JetMoeForCausalLM(_Pretrained):
         return KVCache.for_config(self.config, batch, self.dtype_name, capacity=capacity)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
-        """Prompt plus new tokens as a CuPy int64 array; greedy, the KV cache on the device (gpu/generation.py)."""
+        """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device
+        (gpu/generation.py)."""
         from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **kwargs)

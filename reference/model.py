@@ -313,7 +313,8 @@ class JetMoeForCausalLM(_Pretrained):
         return KVCache.for_config(self.config, batch, self.dtype, capacity=capacity)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
-        """Prompt plus new tokens, [B, T + new] int64; greedy equals HF's generate. See reference/generation.py."""
+        """Prompt plus new tokens, [B, T + new] int64; greedy equals HF's generate; do_sample=True samples with
+        temperature / top_k / top_p and a seed. See reference/generation.py."""
         from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **kwargs)
