@@ -14,7 +14,7 @@ PROMPT  ?= ROMEO:
 # run (the main job): stream text from the bundled Shakespeare JetMoE with the NumPy reference, then print tokens/s
 # and the expert load per layer. PROMPT="JULIET:" make run to change the prompt.
 run: $(STAMP)
-	$(PY) -m reference.generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 200 --seed 0
+	.venv/bin/jetmoe generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 200 --seed 0
 
 # setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
 setup: $(STAMP)

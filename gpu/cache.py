@@ -29,7 +29,7 @@ count to the capacity; get_seq_length() (a device read that syncs, so not for a 
 
 import numpy as np
 
-from reference.cache import CacheViews
+from reference.cache import KVCacheBase
 
 from .device import require_cupy
 from .kernels import kernel
@@ -58,8 +58,8 @@ def _element_strides(array):
     return tuple(np.int64(s // array.itemsize) for s in array.strides)
 
 
-class KVCache(CacheViews):
-    """Device buffers per layer; views, get_seq_length and growth come from reference's CacheViews."""
+class KVCache(KVCacheBase):
+    """Device buffers per layer; views, get_seq_length and growth come from reference.cache.KVCacheBase."""
 
     def __init__(self, num_layers, batch, heads, head_dim, dtype=np.float32, capacity=0):
         cp = require_cupy()

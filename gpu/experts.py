@@ -1,4 +1,4 @@
-"""Expert dispatch and the MoE on the GPU; the twin of reference/experts.py.  Legend: gpu/kernels/common.cuh.
+"""Expert dispatch and the MoE on the GPU; the twin of reference/experts.py.  Shapes: reference/__init__.py.
 
 One fused kernel per projection (gpu/kernels/expert_gemm.cu): the gather of A's rows, one GEMM per expert over
 its contiguous group of the routing plan, and the scatter to slot order happen in the same launch, so no

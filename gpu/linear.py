@@ -1,4 +1,4 @@
-"""Dense y = x @ W^T on the GPU (kv_proj, routers, lm_head): gpu/kernels/linear.cu.  Legend: common.cuh.
+"""Dense y = x @ W^T on the GPU (kv_proj, routers, lm_head): gpu/kernels/linear.cu.  Shapes: reference/__init__.py.
 
 No reference twin of its own: reference/ writes these as `x @ W.T`.
 """

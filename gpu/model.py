@@ -1,7 +1,6 @@
 """The JetMoE forward on the GPU; the twin of reference/model.py (same classes, keywords, outputs, trace names).
 
-Legend: B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads, Dh head dim,
-F intermediate, V vocab, L layers, N = B*T.
+Shapes: reference/__init__.py.
 
 Weights live on the device as float32, or (dtype="bfloat16") the big matrices as bf16 bits (uint16) with float32
 norms, biases and routers, so routing decisions are made in float32 as in the reference. Activations and
@@ -15,9 +14,10 @@ import numpy as np
 from reference import trace
 from reference.checkpoint import read_checkpoint_tensors, select_tensors
 from reference.config import JetMoeConfig
-from reference.model import (MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast,
-                             block_weights, causal_lm_losses, check_inputs, classification_loss,
-                             pooling_positions)
+from reference.inputs import check_inputs, pooling_positions, to_numpy
+from reference.losses import causal_lm_losses, classification_loss
+from reference.model import block_weights
+from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
@@ -32,14 +32,15 @@ WEIGHT_DTYPES = ("float32", "bfloat16")
 FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
 
 
-def weight_dtype_name(dtype):
+def weight_dtype(dtype):
+    """np.dtype float32 or bfloat16 (ml_dtypes) from np.float32, "float32", ml_dtypes.bfloat16 or "bfloat16"."""
     name = "bfloat16" if dtype in ("bfloat16", ml_dtypes.bfloat16) else np.dtype(dtype).name
     if name not in WEIGHT_DTYPES:
         raise TypeError(f"dtype={dtype!r} is not supported by the GPU twin: use np.float32 (parity) or 'bfloat16'")
-    return name
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
 
 
-def upload(name, tensor, dtype_name):
+def upload(name, tensor, dtype):
     """One host tensor to the device: float32, or bf16 bits for the big matrices in bf16 mode.
 
     A CuPy array already in the right form (float32, or uint16 bf16 bits) is used as it is: the GPU benchmark
@@ -47,25 +48,25 @@ def upload(name, tensor, dtype_name):
     """
     cp = require_cupy()
     if isinstance(tensor, cp.ndarray):
-        wanted = cp.uint16 if dtype_name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS) else cp.float32
+        wanted = cp.uint16 if dtype.name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS) else cp.float32
         if tensor.dtype != wanted:
-            raise TypeError(f"device tensor {name!r} is {tensor.dtype}, the {dtype_name} model needs {wanted}")
+            raise TypeError(f"device tensor {name!r} is {tensor.dtype}, the {dtype.name} model needs {wanted}")
         return tensor
-    if dtype_name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS):
+    if dtype.name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS):
         return cp.asarray(np.ascontiguousarray(tensor).astype(ml_dtypes.bfloat16).view(np.uint16))
     return cp.asarray(np.ascontiguousarray(tensor, dtype=np.float32))
 
 
-def upload_all(tensors, dtype_name):
+def upload_all(tensors, dtype):
     """Every tensor of a checkpoint, with a clear message when the device runs out of memory."""
     cp = require_cupy()
     try:
-        return {name: upload(name, t, dtype_name) for name, t in tensors.items()}
+        return {name: upload(name, t, dtype) for name, t in tensors.items()}
     except cp.cuda.memory.OutOfMemoryError:
-        itemsize = 2 if dtype_name == "bfloat16" else 4
+        itemsize = 2 if dtype.name == "bfloat16" else 4
         needed = sum(t.size for t in tensors.values()) * itemsize
         free, total = cp.cuda.runtime.memGetInfo()
-        raise MemoryError(f"the model needs about {needed / 2**30:.2f} GiB of GPU memory in {dtype_name}; the "
+        raise MemoryError(f"the model needs about {needed / 2**30:.2f} GiB of GPU memory in {dtype.name}; the "
                           f"device has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB") from None
 
 
@@ -96,13 +97,6 @@ def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, con
     return h, probs, (attn_logits, mlp_logits)
 
 
-def to_host(value):
-    """NumPy copy of a NumPy or CuPy array (None stays None) for host-side validation."""
-    if value is None or isinstance(value, (int, np.integer)):
-        return value
-    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
-
-
 class _Pretrained:
     head = "base"
 
@@ -127,8 +121,8 @@ class _Pretrained:
 class JetMoeModel(_Pretrained):
     def __init__(self, config, tensors, head_tensors=None, dtype=np.float32):
         self.config = config
-        self.dtype_name = weight_dtype_name(dtype)
-        self.tensors = upload_all(tensors, self.dtype_name)
+        self.dtype = weight_dtype(dtype)  # of the big matrices; activations are float32
+        self.tensors = upload_all(tensors, self.dtype)
         self.embed_tokens = self.tensors["embed_tokens.weight"]  # [V, D]
         self.norm = self.tensors["norm.weight"]  # [D]
         self.layers = [block_weights(self.tensors, i) for i in range(config.num_hidden_layers)]
@@ -137,12 +131,12 @@ class JetMoeModel(_Pretrained):
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
                  output_router_logits=None, cache_position=None):
         cp = require_cupy()
-        cfg = self.config
-        use_cache = cfg.use_cache if use_cache is None else use_cache
-        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        config = self.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         input_ids, inputs_embeds, attention_mask, position_ids, cache_position = check_inputs(
-            cfg, to_host(input_ids), to_host(inputs_embeds), to_host(attention_mask), to_host(position_ids),
-            to_host(cache_position), past_key_values, cache_type=KVCache)
+            config, to_numpy(input_ids), to_numpy(inputs_embeds), to_numpy(attention_mask), to_numpy(position_ids),
+            to_numpy(cache_position), past_key_values, cache_type=KVCache)
         if inputs_embeds is None:
             h = embed(self.embed_tokens, cp.asarray(input_ids))  # [B, T, D]
         else:
@@ -150,7 +144,7 @@ class JetMoeModel(_Pretrained):
         batch, tokens, _ = h.shape
         cache = past_key_values
         if use_cache and cache is None:
-            cache = KVCache.for_config(cfg, batch, self.dtype_name, capacity=tokens)
+            cache = KVCache.for_config(config, batch, self.dtype, capacity=tokens)
         positions = cp.asarray(position_ids)  # [B|1, T]
         cache_pos = cp.asarray(cache_position)  # [T]
         mask = None if attention_mask is None else cp.asarray(attention_mask)  # [B, S]
@@ -159,10 +153,10 @@ class JetMoeModel(_Pretrained):
         for i, w in enumerate(self.layers):
             hidden_states.append(h)
             with trace.scope(f"layers.{i}"):
-                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, cfg, output_attentions)
+                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, config, output_attentions)
             attentions.append(probs)
             router_logits.extend(logits)
-        h = rms_norm(h, self.norm, cfg.rms_norm_eps)  # the only norm that uses config.rms_norm_eps
+        h = rms_norm(h, self.norm, config.rms_norm_eps)  # the only norm that uses config.rms_norm_eps
         trace.record("norm", h)
         hidden_states.append(h)
         return MoeModelOutputWithPast(
@@ -180,16 +174,16 @@ class JetMoeForCausalLM(_Pretrained):
     def __init__(self, config, tensors, head_tensors, dtype=np.float32):
         self.config = config
         self.model = JetMoeModel(config, tensors, dtype=dtype)
-        self.dtype_name = self.model.dtype_name
+        self.dtype = self.model.dtype
         self.lm_head = (self.model.embed_tokens if config.tie_word_embeddings else
-                        upload("lm_head.weight", head_tensors["lm_head.weight"], self.dtype_name))  # [V, D]
+                        upload("lm_head.weight", head_tensors["lm_head.weight"], self.dtype))  # [V, D]
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                  output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0):
         cp = require_cupy()
-        cfg = self.config
-        output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        config = self.config
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -198,16 +192,16 @@ class JetMoeForCausalLM(_Pretrained):
         if isinstance(logits_to_keep, (int, np.integer)):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
-            kept = h[:, cp.asarray(to_host(logits_to_keep))]
+            kept = h[:, cp.asarray(to_numpy(logits_to_keep))]
         batch, kept_tokens, hidden = kept.shape
         logits = linear(kept.reshape(batch * kept_tokens, hidden), self.lm_head).reshape(batch, kept_tokens, -1)
         trace.record("logits", logits)
         # Losses are a few scalars over logits already computed: the reference's NumPy code on host copies.
         loss, aux_loss = None, None
         if labels is not None or output_router_logits:
-            router_logits = None if out.router_logits is None else [to_host(r) for r in out.router_logits]
-            loss, aux_loss = causal_lm_losses(cfg, to_host(logits), to_host(labels), router_logits,
-                                              to_host(attention_mask), h.shape[:2])
+            router_logits = None if out.router_logits is None else [to_numpy(r) for r in out.router_logits]
+            loss, aux_loss = causal_lm_losses(config, to_numpy(logits), to_numpy(labels), router_logits,
+                                              to_numpy(attention_mask), h.shape[:2])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states,
                                          attentions=out.attentions, router_logits=out.router_logits)
@@ -216,7 +210,7 @@ class JetMoeForCausalLM(_Pretrained):
 
     def new_cache(self, batch, capacity):
         """An empty device KV cache for `batch` sequences of up to `capacity` tokens (used by generate)."""
-        return KVCache.for_config(self.config, batch, self.dtype_name, capacity=capacity)
+        return KVCache.for_config(self.config, batch, self.dtype, capacity=capacity)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
         """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device
@@ -232,24 +226,24 @@ class JetMoeForSequenceClassification(_Pretrained):
     def __init__(self, config, tensors, head_tensors, dtype=np.float32):
         self.config = config
         self.model = JetMoeModel(config, tensors, dtype=dtype)
-        self.dtype_name = self.model.dtype_name
-        self.score = upload("score.weight", head_tensors["score.weight"], "float32")  # [num_labels, D], tiny
+        self.dtype = self.model.dtype
+        self.score = upload("score.weight", head_tensors["score.weight"], np.dtype(np.float32))  # [num_labels, D], tiny
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                  output_hidden_states=False, cache_position=None):
         cp = require_cupy()
-        cfg = self.config
+        config = self.config
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          cache_position=cache_position, output_router_logits=False)
         h = out.last_hidden_state  # [B, T, D]
         batch = h.shape[0]
-        rows = cp.asarray(pooling_positions(cfg, to_host(input_ids), batch))  # [B]
+        rows = cp.asarray(pooling_positions(config, to_numpy(input_ids), batch))  # [B]
         pooled = linear(h[cp.arange(batch), rows], self.score)  # [B, C]: only the pooled rows need the head
         trace.record("pooled_logits", pooled)
-        loss = None if labels is None else classification_loss(cfg, to_host(pooled), to_host(labels))
+        loss = None if labels is None else classification_loss(config, to_numpy(pooled), to_numpy(labels))
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                 hidden_states=out.hidden_states, attentions=out.attentions)
 

@@ -1,4 +1,4 @@
-"""RMSNorm on the GPU; the twin of reference/norm.py.  Kernel: gpu/kernels/rms_norm.cu.  Legend: common.cuh.
+"""RMSNorm on the GPU; the twin of reference/norm.py.  Kernel: gpu/kernels/rms_norm.cu.  Shapes: reference/__init__.py.
 
 BLOCK_NORM_EPS is the reference's (HF's block norms use eps=1e-6 whatever config.rms_norm_eps says).
 """

@@ -1,4 +1,4 @@
-"""Top-k gating and the dispatch plan on the GPU; the twin of reference/routing.py.  Legend: gpu/kernels/common.cuh.
+"""Top-k gating and the dispatch plan on the GPU; the twin of reference/routing.py.  Shapes: reference/__init__.py.
 
 The plan is what the grouped expert GEMMs (gpu/kernels/expert_gemm.cu) need, built without any host sync:
   sorted_slots    [NK]   slot ids n*K + k grouped by expert, ascending within an expert (a stable sort)

@@ -1,7 +1,18 @@
 """A readable NumPy JetMoE that matches Hugging Face transformers 4.56.2 (see README.md).
 
-Shape legend: B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads, Dh head dim,
-F intermediate, V vocab.
+Shape legend, the one every file of reference/, gpu/ and jetmoe/ points to:
+
+  B   batch                      E   experts (num_local_experts)
+  T   tokens of this forward     K   experts chosen per token (num_experts_per_tok, top-k)
+  S   keys: cached + new         H   key/value heads (num_key_value_heads)
+  D   hidden size                Dh  head dim (kv_channels)
+  F   MLP expert intermediate    V   vocab
+  L   layers                     N   = B*T, tokens flattened
+  slot s = n*K + k               token n's k-th choice, the unit the experts are dispatched in
+
+The modules, in forward order, each with the notebook that walks through it: norm and rope (01), routing (02),
+experts (03), attention and cache (04), model, inputs, outputs, losses and generation (05); config,
+checkpoint, tokenizer, precision and trace are its IO and tooling.
 """
 
 from .cache import KVCache

@@ -1,4 +1,4 @@
-"""Mixture of Attention heads (MoA).  Shape legend: reference/config.py.
+"""Mixture of Attention heads (MoA).  Shapes: reference/__init__.py.
 
 One shared kv_proj gives H key/value heads. The router picks K of E attention experts per token; expert e owns
 a query projection [H*Dh, D] and an output projection [D, H*Dh]. So a token has K*H query heads, and query head
@@ -18,6 +18,19 @@ from .experts import combine, grouped_linear, ungroup
 from .precision import compute_dtype
 from .rope import apply_rope
 from .routing import softmax, top_k_gating
+
+
+def additive_mask(attention_mask, cache_position, num_keys, dtype):
+    # attention_mask: [B, S] or None, cache_position: [T] -> [B|1, 1, T, S] with 0 (attend) or finfo.min
+    # HF _prepare_4d_causal_attention_mask_with_cache_position: key s is hidden from query t when
+    # s > cache_position[t] or attention_mask[b, s] == 0. A fully hidden row (a left-pad query) then holds
+    # only finfo.min and softmax makes it uniform: finite in float32 and float64 alike.
+    dtype = np.dtype(dtype)
+    allowed = np.arange(num_keys)[None, :] <= cache_position[:, None]  # [T, S]
+    allowed = allowed[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask[:, None, None, :] != 0)  # [B, 1, T, S]
+    return np.where(allowed, dtype.type(0), np.finfo(dtype).min).astype(dtype)
 
 
 def moa_map(x2d, plan, query_weights):

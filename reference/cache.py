@@ -1,4 +1,4 @@
-"""Preallocated key/value cache.  Shape legend: reference/config.py.
+"""Preallocated key/value cache.  Shapes: reference/__init__.py.
 
 Like HF's DynamicCache it stores keys after RoPE, per layer, as [B, H, S, Dh]; unlike it, the storage is
 allocated once (and doubled when a forward outgrows it) so decoding writes in place instead of concatenating.
@@ -7,10 +7,9 @@ allocated once (and doubled when a forward outgrows it) so decoding writes in pl
 import numpy as np
 
 
-class CacheViews:
-    """Construction from a config, HF-style access to per-layer buffers `_keys`/`_values` [B, H, capacity, Dh]
-    filled up to `_lengths`, and their growth; shared by this cache and the GPU twin's (gpu/cache.py), which
-    differ in storage (`__init__`, `_allocate`) and in how `update` writes."""
+class KVCacheBase:
+    """What the NumPy and GPU caches share: per-layer `_keys`/`_values` [B, H, capacity, Dh] filled up to
+    `_lengths`, read HF-style, grown by doubling. Subclasses own the storage (`__init__`, `_allocate`, `update`)."""
 
     @classmethod
     def for_config(cls, config, batch, dtype, capacity=0):
@@ -57,7 +56,7 @@ class CacheViews:
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
 
-class KVCache(CacheViews):
+class KVCache(KVCacheBase):
     def __init__(self, num_layers, batch, heads, head_dim, dtype, capacity=0):
         self._keys = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]
         self._values = [np.empty((batch, heads, capacity, head_dim), dtype) for _ in range(num_layers)]

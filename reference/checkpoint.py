@@ -2,7 +2,7 @@
 
 Tensors keep HF's key names. Files are memory-mapped: a tensor whose dtype already matches the requested one
 is a read-only view of the file, never a copy. BF16 is read through ml_dtypes. Every error names the tensor
-(or file) at fault.  Shape legend: reference/config.py.
+(or file) at fault.  Shapes: reference/__init__.py.
 """
 
 import json
@@ -11,6 +11,8 @@ import struct
 
 import ml_dtypes
 import numpy as np
+
+from .config import JetMoeConfig
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -22,6 +24,30 @@ SUPPORTED_MODEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # "transformer." being JetMoePreTrainedModel.base_model_prefix.
 BASE_PREFIXES = ("model.", "transformer.")
 HEAD_TENSORS = {"base": (), "causal_lm": ("lm_head.weight",), "sequence_classification": ("score.weight",)}
+
+
+class Pretrained:
+    """from_pretrained / from_random / save_pretrained, shared by the three model classes of reference/model.py.
+    A subclass names its head ("base", "causal_lm", "sequence_classification") and takes
+    (config, base tensors, head tensors)."""
+
+    head = "base"
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32):
+        config = JetMoeConfig.from_pretrained(path)
+        base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, dtype)
+        return cls(config, base, head)
+
+    @classmethod
+    def from_random(cls, config, seed=0, std=0.1, dtype=np.float32):
+        """A model with every parameter random (biases and norm weights too): for tests, notebooks, benches."""
+        tensors = random_parameters(config, cls.head, np.random.default_rng(seed), std, model_dtype(dtype))
+        base, head = select_tensors(tensors, config, cls.head, dtype)
+        return cls(config, base, head)
+
+    def save_pretrained(self, path):
+        write_checkpoint(path, self.config, self.state_dict())
 
 
 class CheckpointError(ValueError):

@@ -1,8 +1,6 @@
 """JetMoE hyper-parameters: the same fields, defaults and config.json format as HF's `JetMoeConfig`.
 
-Shape legend (used in every file of this package):
-  B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads,
-  Dh head dim, F intermediate, V vocab, L layers.
+The letters after each size field are the shape legend's (reference/__init__.py).
 """
 
 import json

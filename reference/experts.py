@@ -1,4 +1,4 @@
-"""Expert dispatch and the Mixture of MLP experts (MoE).  Shape legend: reference/config.py.
+"""Expert dispatch and the Mixture of MLP experts (MoE).  Shapes: reference/__init__.py.
 
 Dispatch, shared with the MoA (reference/attention.py):
   gather   rows of x in grouped-by-expert slot order         [N*K, in]

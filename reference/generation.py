@@ -1,6 +1,6 @@
 """Generation (greedy search and sampling) with a preallocated KV cache, following HF GenerationMixin.
 
-Shape legend: reference/config.py.
+Shapes: reference/__init__.py.
 - position_ids come from the attention mask: cumsum(mask) - 1, with 1 at padded positions (HF
   prepare_inputs_for_generation), so a left-padded prompt sees the positions it would see unpadded.
 - A sequence that has produced an eos keeps receiving pad tokens (pad_token_id, else the first eos) until

@@ -1,4 +1,4 @@
-"""Losses, as HF computes them.  Shape legend: reference/config.py.
+"""Losses, as HF computes them.  Shapes: reference/__init__.py.
 
 All run in float32 or better (HF upcasts logits with `.float()` before the loss).
 """
@@ -56,6 +56,36 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
     return np.sum(tokens_per_expert * router_prob_per_expert[None]) * num_experts
 
 
+def causal_lm_losses(config, logits, labels, router_logits, attention_mask, input_shape):
+    # logits: [B, T_kept, V], labels: [B, T] or None, router_logits: 2L x [N, E] or None -> (loss, aux_loss)
+    # Host arrays; shared with the GPU twin, which hands over host copies.
+    loss = aux_loss = None
+    if labels is not None:
+        labels = np.asarray(labels)  # dtype and range: checked by cross_entropy
+        if labels.shape != tuple(input_shape):
+            raise ValueError(f"labels has shape {labels.shape}, expected {tuple(input_shape)}")
+        if logits.shape[1] != labels.shape[1]:
+            raise ValueError(f"labels cover {labels.shape[1]} tokens but logits_to_keep kept "
+                             f"{logits.shape[1]}: use logits_to_keep=0 to compute a loss")
+        loss = causal_lm_loss(logits, labels)
+    if router_logits is not None:
+        # The intended behaviour of HF's JetMoeForCausalLM (which crashes here, transformers#31791): the
+        # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask.
+        mask = None if attention_mask is None else np.asarray(attention_mask)[:, -input_shape[1]:]
+        aux_loss = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok, mask)
+        if loss is not None:
+            loss = loss + config.aux_loss_coef * aux_loss
+    return loss, aux_loss
+
+
+def classification_loss(config, pooled, labels):
+    # pooled: [B, C] host logits, labels: [B] or [B, C] -> scalar
+    labels = np.asarray(labels)
+    if labels.shape[0] != pooled.shape[0]:
+        raise ValueError(f"labels has shape {labels.shape}, expected a first dimension of B={pooled.shape[0]}")
+    return sequence_classification_loss(pooled, labels, config.num_labels, config.problem_type)
+
+
 def sequence_classification_loss(pooled_logits, labels, num_labels, problem_type):
     # pooled_logits: [B, C], labels: [B] or [B, C] -> scalar. HF ForSequenceClassificationLoss.
     logits = pooled_logits.astype(compute_dtype(pooled_logits.dtype), copy=False)
@@ -79,3 +109,30 @@ def sequence_classification_loss(pooled_logits, labels, num_labels, problem_type
         raise ValueError(f"multi-label labels have shape {labels.shape}, expected [B, num_labels] = {logits.shape}")
     y = labels.astype(logits.dtype)
     return np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))
+
+
+def windows(ids, context):
+    # ids: [N] -> list of [<= context] arrays, consecutive, non-overlapping; a last window of one token predicts
+    # nothing and is dropped
+    chunks = [ids[start: start + context] for start in range(0, len(ids), context)]
+    return [chunk for chunk in chunks if len(chunk) >= 2]
+
+
+def mean_loss(model, ids, context, batch=8):
+    """(mean cross-entropy in nats over every predicted token, predicted token count) of ids [N], scored in
+    consecutive windows of `context` tokens (the evaluate tool and notebook 05 use it)."""
+    chunks = windows(np.asarray(ids, dtype=np.int64), context)
+    if not chunks:
+        raise ValueError(f"the text is {len(ids)} token(s): at least 2 are needed to predict one")
+    total, count = 0.0, 0
+    full = [c for c in chunks if len(c) == len(chunks[0])]  # every window but maybe the last has `context` tokens
+    groups = [np.stack(full[i: i + batch]) for i in range(0, len(full), batch)]
+    groups += [c[None] for c in chunks[len(full):]]
+    for group in groups:  # [b, t]
+        # HF's causal-LM loss is the mean over the b*(t-1) shifted labels; weight it back to a sum
+        # output_router_logits=False: a config asking for router logits would add aux_loss_coef * aux to .loss
+        loss = model(input_ids=group, labels=group, use_cache=False, output_router_logits=False).loss
+        predicted = group.shape[0] * (group.shape[1] - 1)
+        total += float(loss) * predicted
+        count += predicted
+    return total / count, count

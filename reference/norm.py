@@ -1,4 +1,4 @@
-"""RMSNorm.  Shape legend: see reference/config.py.
+"""RMSNorm.  Shapes: reference/__init__.py.
 
 HF quirk (reproduced on purpose): JetMoeBlock builds its two norms as `JetMoeRMSNorm(hidden_size)`, so they
 use the class default eps=1e-6 whatever config.rms_norm_eps says; only the final norm receives rms_norm_eps.

@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), HF's default rope type with rotate_half.  Shape legend: reference/config.py.
+"""Rotary position embedding (RoPE), HF's default rope type with rotate_half.  Shapes: reference/__init__.py.
 
 Dimension i of the first half of a head pairs with dimension i + Dh/2 (rotate_half), rotated by
 angle position * theta^(-2i/Dh).

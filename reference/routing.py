@@ -1,4 +1,4 @@
-"""Top-k gating and the dispatch plan shared by the MoA and the MoE.  Shape legend: reference/config.py.
+"""Top-k gating and the dispatch plan shared by the MoA and the MoE.  Shapes: reference/__init__.py.
 
 HF JetMoeTopKGating: logits = x @ Wr^T (float32 or better); take the top-k logits; softmax over only those k;
 then group the N*K (token, choice) slots by expert. Slot s = n*K + k is token n's k-th choice.
@@ -88,3 +88,15 @@ def expert_load(router_logits, k, keep=None):
         counts = np.bincount(chosen.reshape(-1), minlength=logits.shape[-1])  # [E]
         loads.append(counts / max(chosen.size, 1))
     return np.stack(loads)
+
+
+def format_expert_load(load, num_layers):
+    # load: [2L, E] shares -> table text, one row per layer, attention (MoA) experts then MLP (MoE) experts
+    experts = load.shape[1]
+    width = max(4 * experts, len("attention experts"))
+    lines = [f"expert load: % of each layer's top-k choices (uniform = {100 / experts:.1f}%)",
+             f"layer  {'attention experts':<{width}}  mlp experts"]
+    for layer in range(num_layers):
+        attention, mlp = (" ".join(f"{100 * x:3.0f}" for x in load[2 * layer + j]) for j in (0, 1))
+        lines.append(f"{layer:>5}  {attention:<{width}}  {mlp}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The tokenizer: text <-> token ids through an HF tokenizer.json.  Shape legend: reference/config.py.
+"""The tokenizer: text <-> token ids through an HF tokenizer.json.  Shapes: reference/__init__.py.
 
 The `tokenizers` library runs the tokenizer.json (normalizer, pre-tokenizer, BPE model, decoder); this module
 decides what HF's `LlamaTokenizerFast` decides on top of it: whether a bos token starts the ids, which id pads a

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inputs import to_numpy
+
 _active = contextvars.ContextVar("jetmoe_trace", default=None)
 
 
@@ -39,11 +41,6 @@ class Trace(dict):
             order = (f.metadata() or {}).get("order", "")
         names = [n for n in order.split(",") if n in tensors] if order else []
         return cls([(n, tensors[n]) for n in names] + [(n, t) for n, t in tensors.items() if n not in set(names)])
-
-
-def to_numpy(value):
-    """Host copy of a NumPy or CuPy array (the GPU twin records CuPy arrays under the same names)."""
-    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else np.asarray(value)
 
 
 @contextlib.contextmanager
@@ -134,14 +131,18 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0):
     return first, rows
 
 
-def format_rows(rows):
-    """A plain-text table of compare() rows, the first failing row marked with '>>'."""
-    lines = [f"   {'name':<52} {'shape':<22} {'max abs':>10} {'max rel':>10}"]
+def format_rows(rows, notes=None, stop_at_first=False):
+    """A plain-text table of compare() rows, the first failing row marked with '>>'. `notes` adds a last column
+    (one string per row: the debugger's top-k agreement); stop_at_first ends the table at the first failing row."""
+    lines = [f"   {'name':<52} {'shape':<22} {'max abs':>10} {'max rel':>10}" + ("  top-k" if notes else "")]
     marked = False
-    for r in rows:
+    for i, r in enumerate(rows):
         mark = "  "
         if not r.ok and not marked:
             mark, marked = ">>", True
-        lines.append(f"{mark} {r.name:<52} {str(r.shape):<22} {r.max_abs:>10.3e} {r.max_rel:>10.3e}"
+        note = f"  {notes[i]}" if notes else ""
+        lines.append(f"{mark} {r.name:<52} {str(r.shape):<22} {r.max_abs:>10.3e} {r.max_rel:>10.3e}{note}"
                      f"{'' if r.ok else '  DIVERGES'}")
+        if marked and stop_at_first:
+            break
     return "\n".join(lines)

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_oracle  # noqa: E402
+from jetmoe import hf_oracle  # noqa: E402
 from reference import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "jetmoe-tiny-shakespeare")

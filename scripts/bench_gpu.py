@@ -28,21 +28,21 @@ EIGHT_B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_loc
 FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
 
 
-def active_weight_bytes(cfg, bytes_per_weight=2):
+def active_weight_bytes(config, bytes_per_weight=2):
     """Bytes of weights one batch-1 decode token must read: kv_proj, K attention and K MLP experts, routers, lm_head."""
-    D, E, K, H, Dh, F, V = (cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                            cfg.num_key_value_heads, cfg.kv_channels, cfg.intermediate_size, cfg.vocab_size)
+    D, E, K, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                            config.num_key_value_heads, config.kv_channels, config.intermediate_size, config.vocab_size)
     per_layer = 2 * H * Dh * D + K * 2 * H * Dh * D + K * 3 * F * D
     routers = 2 * E * D * 4  # float32 routers
-    return cfg.num_hidden_layers * (per_layer * bytes_per_weight + routers) + V * D * bytes_per_weight
+    return config.num_hidden_layers * (per_layer * bytes_per_weight + routers) + V * D * bytes_per_weight
 
 
-def device_weights(cfg, seed):
+def device_weights(config, seed):
     """Random weights on the device: bf16 bits for matrices, float32 for norms, biases and routers."""
     cp = require_cupy()
     rng = cp.random.default_rng(seed)
     tensors = {}
-    for name, shape in base_parameter_shapes(cfg).items():
+    for name, shape in base_parameter_shapes(config).items():
         if name.endswith(("norm.weight", "layernorm.weight")):
             tensors[name] = (0.5 + rng.random(shape, dtype=cp.float32)).astype(cp.float32)
         elif name.endswith(FLOAT32_ALWAYS):
@@ -99,11 +99,11 @@ def ours_decode(model, batch, context, steps, rng):
     return time.perf_counter() - start
 
 
-def hf_model_from(ours, cfg):
+def hf_model_from(ours, config):
     """HF JetMoeForCausalLM (eager, bf16, on the GPU) holding exactly our weights."""
     import torch
     import transformers
-    hf_cfg = transformers.JetMoeConfig(**{k: v for k, v in cfg.to_dict().items()
+    hf_cfg = transformers.JetMoeConfig(**{k: v for k, v in config.to_dict().items()
                                           if k not in ("num_attention_heads", "architectures", "model_type")})
     hf_cfg._attn_implementation = "eager"
     with torch.device("cuda"):
@@ -148,22 +148,22 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     cp = require_cupy()
-    cfg = JetMoeConfig(**{**EIGHT_B, "num_hidden_layers": args.layers})
-    ours = JetMoeForCausalLM(cfg, device_weights(cfg, 0), {}, dtype="bfloat16")
+    config = JetMoeConfig(**{**EIGHT_B, "num_hidden_layers": args.layers})
+    ours = JetMoeForCausalLM(config, device_weights(config, 0), {}, dtype="bfloat16")
     rng = np.random.default_rng()
     rows, results = [], {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "config": EIGHT_B,
                          "layers": args.layers}
     bandwidth = copy_bandwidth()
-    bound = bandwidth / active_weight_bytes(cfg)
-    results.update(copy_bandwidth_GBps=bandwidth / 1e9, active_weight_GB=active_weight_bytes(cfg) / 1e9,
+    bound = bandwidth / active_weight_bytes(config)
+    results.update(copy_bandwidth_GBps=bandwidth / 1e9, active_weight_GB=active_weight_bytes(config) / 1e9,
                    decode_bound_tokens_per_s=bound)
     hf = None
     if not args.no_hf:
         try:
-            hf = hf_model_from(ours, cfg)
+            hf = hf_model_from(ours, config)
         except Exception as e:  # the baseline is optional; say why it is missing instead of failing the report
             results["hf_error"] = repr(e)
-    prompt = rng.integers(0, cfg.vocab_size, size=(1, args.prefill))
+    prompt = rng.integers(0, config.vocab_size, size=(1, args.prefill))
     t_ours = timed(lambda: ours(input_ids=prompt, use_cache=False, logits_to_keep=1), args.repeats)
     row = {"workload": f"prefill 1x{args.prefill}", "ours_tokens_per_s": args.prefill / t_ours}
     if hf is not None:
@@ -184,7 +184,7 @@ def main():
         rows.append(row)
     results["rows"] = rows
     print(f"Device: {results['device']}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); active weights "
-          f"per decode token {active_weight_bytes(cfg) / 1e9:.2f} GB; layers {args.layers}")
+          f"per decode token {active_weight_bytes(config) / 1e9:.2f} GB; layers {args.layers}")
     print("\n| workload | ours tokens/s | HF eager tokens/s | ours / HF | bandwidth bound tokens/s | ours / bound |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -9,14 +9,12 @@ outputs with the model loaded in that dtype (float64 with the float32 islands pr
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_oracle  # noqa: E402
+from jetmoe import hf_oracle
 
 # At least: top-k 1 and top-k = E, a single kv head, odd sizes, untied embeddings, rms_norm_eps != 1e-6 and a
 # rope_theta other than 10000. The sizes stay tiny so the goldens are small and the tests fast.

@@ -3,7 +3,7 @@
     python scripts/model_card.py      # after scripts/train_tiny.py; `make train-tiny` runs both
 
 Every figure in the card is computed here, from the committed weights, with the reference (not HF):
-- validation loss and perplexity (reference.evaluate.mean_loss, windows of the training length) against a
+- validation loss and perplexity (reference.losses.mean_loss, windows of the training length) against a
   unigram baseline: token frequencies of the training split (add-one smoothed) scored on the same tokens;
 - samples after `ROMEO:` with the CLI's default sampling, and the share of their words that occur in the
   training split (a model that learned English-like Shakespeare invents few words);
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from reference import JetMoeForCausalLM  # noqa: E402
-from reference.evaluate import mean_loss, windows  # noqa: E402
+from reference.losses import mean_loss, windows  # noqa: E402
 from reference.routing import expert_load  # noqa: E402
 from reference.tokenizer import Tokenizer  # noqa: E402
 

@@ -20,11 +20,10 @@ if transformers.__version__ != "4.56.2":
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import hf_oracle  # noqa: E402
+from jetmoe import hf_oracle  # noqa: E402
 
 from reference import JetMoeForCausalLM  # noqa: E402
-from reference.evaluate import mean_loss, windows  # noqa: E402
+from reference.losses import mean_loss, windows  # noqa: E402
 from reference.generation import sampling_probabilities  # noqa: E402
 from reference.tokenizer import Tokenizer  # noqa: E402
 
@@ -101,10 +100,10 @@ def test_filtered_probabilities_equal_hf_warpers(tokenizer, seed, temperature, t
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_debugger_reference_agrees_with_hf(capsys, dtype):
-    """`python -m reference.debug compare --against hf`: every one of the 129 names maps to an HF tensor and agrees
+    """`jetmoe debug compare --against hf`: every one of the 129 names maps to an HF tensor and agrees
     (float32 within 1e-4, float64 within 1e-9: the debugger's defaults)."""
-    from reference.debug import main
-    status = main(["compare", MODEL, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--against", "hf",
+    from jetmoe.cli import main
+    status = main(["debug", "compare", MODEL, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--against", "hf",
                    "--dtype", dtype])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -113,8 +112,8 @@ def test_debugger_reference_agrees_with_hf(capsys, dtype):
 
 def test_debugger_finds_port_bug_against_hf(tmp_path):
     """The repeat_interleave port of tests/test_debug.py, compared with HF's hooked trace instead of the reference."""
-    import hf_trace
-    from reference.debug import comparison_rows, format_table
+    from jetmoe import hf_trace
+    from jetmoe.debug import comparison_rows
     from reference.trace import Trace
     from test_debug import attention_probs_repeat_interleave, port_trace
     from test_debug import PROMPTS as PORT_PROMPTS
@@ -123,5 +122,5 @@ def test_debugger_finds_port_bug_against_hf(tmp_path):
     ids, mask = Tokenizer.from_pretrained(MODEL).encode_batch(PORT_PROMPTS)
     rows = comparison_rows({n: v for n, v in port.items() if not n.startswith("inputs.")},
                            hf_trace.hf_trace(MODEL, ids, mask, np.float32), rtol=1e-4, atol=0.0)
-    _, first = format_table(rows, show_all=False)
+    first = next((row for row, _ in rows if not row.ok), None)
     assert first is not None and first.name == "layers.0.attention.probs"

@@ -1,4 +1,4 @@
-"""The command-line tools on the bundled model: `python -m reference.generate` and `python -m reference.evaluate`.
+"""The command-line tools on the bundled model: `jetmoe generate` and `jetmoe evaluate` (run as `python -m jetmoe`).
 
 Each runs as a subprocess, as a user runs it: exit status, stdout and stderr are what is checked. Every bad input
 the tools promise to reject gets a non-zero exit and a one-line message naming the problem, never a traceback.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from reference import JetMoeForCausalLM
-from reference.evaluate import mean_loss
+from reference.losses import mean_loss
 from reference.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +29,13 @@ That thou her maid art far more fair than she.
 
 
 def run(*args):
-    """(exit status, stdout, stderr) of `python -m <args>` from the repository root."""
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """(exit status, stdout, stderr) of `python -m jetmoe <args>` from the repository root."""
+    done = subprocess.run([sys.executable, "-m", "jetmoe", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
 
 def generate(*args):
-    return run("reference.generate", "--model", MODEL, *args)
+    return run("generate", "--model", MODEL, *args)
 
 
 def assert_user_error(result, status, message):
@@ -45,9 +45,9 @@ def assert_user_error(result, status, message):
     assert "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("module, options", [("reference.generate", ["--prompt", "--temperature", "--top-k",
+@pytest.mark.parametrize("module, options", [("generate", ["--prompt", "--temperature", "--top-k",
                                                                      "--top-p", "--seed", "--max-new-tokens"]),
-                                             ("reference.evaluate", ["--model", "--text-file", "--context"])])
+                                             ("evaluate", ["--model", "--text-file", "--context"])])
 def test_help(module, options):
     code, out, _ = run(module, "--help")
     assert code == 0
@@ -93,7 +93,7 @@ def test_generate_batch_of_prompts():
 def test_evaluate_matches_library(tmp_path):
     text_file = tmp_path / "passage.txt"
     text_file.write_text(TEXT, encoding="utf-8")
-    code, out, err = run("reference.evaluate", "--model", MODEL, "--text-file", str(text_file), "--context", "16")
+    code, out, err = run("evaluate", "--model", MODEL, "--text-file", str(text_file), "--context", "16")
     assert code == 0, err
     values = dict(line.split(":", 1) for line in out.strip().splitlines())
     model, tokenizer = JetMoeForCausalLM.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
@@ -115,7 +115,7 @@ def copy_model(tmp_path, without):
 
 
 def test_missing_model_directory(tmp_path):
-    assert_user_error(run("reference.generate", "--model", str(tmp_path / "nowhere"), "--prompt", "A"), 1,
+    assert_user_error(run("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "A"), 1,
                       f"model directory {str(tmp_path / 'nowhere')!r} does not exist")
 
 
@@ -124,8 +124,8 @@ def test_missing_model_directory(tmp_path):
                                               ("tokenizer.json", "no tokenizer.json in")])
 def test_missing_files(tmp_path, missing, message):
     model_dir = copy_model(tmp_path, missing)
-    for module, extra in [("reference.generate", ["--prompt", "A"]),
-                          ("reference.evaluate", ["--text-file", os.path.join(MODEL, "README.md")])]:
+    for module, extra in [("generate", ["--prompt", "A"]),
+                          ("evaluate", ["--text-file", os.path.join(MODEL, "README.md")])]:
         code, out, err = run(module, "--model", model_dir, *extra)
         assert_user_error((code, out, err), 1, message)
 
@@ -141,7 +141,7 @@ def test_prompt_longer_than_max_positions():
                       "would go past max_position_embeddings")
 
 
-@pytest.mark.parametrize("flag, value, message", [("--temperature", "-0.5", "must be a number >= 0, got -0.5"),
+@pytest.mark.parametrize("flag, value, message", [("--temperature", "-0.5", "must be a finite number >= 0, got -0.5"),
                                                   ("--top-p", "0", "must be in (0, 1], got 0"),
                                                   ("--top-p", "1.5", "must be in (0, 1], got 1.5"),
                                                   ("--top-k", "-1", "must be an integer >= 0, got -1"),
@@ -153,12 +153,12 @@ def test_bad_sampling_flags(flag, value, message):
 def test_text_file_not_utf8(tmp_path):
     text_file = tmp_path / "latin1.txt"
     text_file.write_bytes("Romeo, wherefore art thou? caf\u00e9".encode("latin-1"))
-    assert_user_error(run("reference.evaluate", "--model", MODEL, "--text-file", str(text_file)), 1,
+    assert_user_error(run("evaluate", "--model", MODEL, "--text-file", str(text_file)), 1,
                       f"{text_file} is not UTF-8 text: byte 0xe9 at offset 30")
 
 
 def test_text_file_missing(tmp_path):
-    assert_user_error(run("reference.evaluate", "--model", MODEL, "--text-file", str(tmp_path / "none.txt")), 1,
+    assert_user_error(run("evaluate", "--model", MODEL, "--text-file", str(tmp_path / "none.txt")), 1,
                       "does not exist")
 
 

@@ -1,4 +1,4 @@
-"""The port debugger (`python -m reference.debug`) finds injected bugs: a "port" is the reference with one function
+"""The port debugger (`jetmoe debug`) finds injected bugs: a "port" is the reference with one function
 swapped for a classic mistake, its trace is saved as a port would save it, and the debugger must name the first
 tensor the mistake touches, and nothing before it.
 """
@@ -16,7 +16,8 @@ import pytest
 import reference.attention
 import reference.model
 from reference import JetMoeForCausalLM
-from reference.debug import INPUT_NAMES, main, reference_trace
+from jetmoe.cli import main
+from jetmoe.debug import INPUT_NAMES, reference_trace
 from reference.routing import softmax
 from reference.tokenizer import Tokenizer
 from reference.trace import Trace
@@ -56,7 +57,7 @@ def port_trace(path, model_dir, dtype=np.float32, **bugs):
 
 
 def debug(capsys, *argv):
-    status = main(list(argv))
+    status = main(["debug", *argv])
     return status, capsys.readouterr().out
 
 
@@ -116,7 +117,7 @@ def test_all_rows_and_top_k_column(tmp_path, capsys):
 
 def test_cli_subprocess_exit_status(tmp_path):
     trace = port_trace(tmp_path / "port.safetensors", MODEL, attention_probs=attention_probs_repeat_interleave)
-    done = subprocess.run([sys.executable, "-m", "reference.debug", "compare", MODEL, "--against", trace],
+    done = subprocess.run([sys.executable, "-m", "jetmoe", "debug", "compare", MODEL, "--against", trace],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and ">> layers.0.attention.probs" in done.stdout, done.stderr
 
@@ -134,6 +135,5 @@ def test_bad_input(tmp_path, capsys, argv, message):
     save_file({"embed_tokens": np.ones((1, 2, 3), np.float32)}, str(tmp_path / "no_inputs.safetensors"))
     paths = dict(corrupt=tmp_path / "corrupt.safetensors", no_inputs=tmp_path / "no_inputs.safetensors",
                  out=tmp_path / "out.safetensors")
-    from reference.cli import run
-    assert run(main, [a.format(**paths) for a in argv]) == 1
+    assert main(["debug", *[a.format(**paths) for a in argv]]) == 1
     assert message in capsys.readouterr().err

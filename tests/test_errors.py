@@ -323,15 +323,15 @@ def test_sequence_classification_batch_without_pad_token(seed, rng):
 
 
 def test_import_reference_needs_no_torch_transformers_or_cupy():
-    # reference/ defines the semantics on its own: importing and running it (its CLIs too; only `debug --against`
-    # reaches out, when asked) must not pull the oracle or the GPU.
+    # reference/ defines the semantics on its own: importing and running it, and the jetmoe tools over it (only
+    # `debug --against` reaches out, when asked), must not pull the oracle or the GPU.
     import subprocess
     import sys
-    code = ("import sys, numpy as np, reference, reference.generate, reference.evaluate, reference.debug\n"
-            "cfg = reference.JetMoeConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_key_value_heads=1,"
+    code = ("import sys, numpy as np, reference, jetmoe.generate, jetmoe.evaluate, jetmoe.debug\n"
+            "config = reference.JetMoeConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_key_value_heads=1,"
             " kv_channels=4, intermediate_size=8, num_local_experts=2, num_experts_per_tok=1)\n"
-            "reference.JetMoeForCausalLM.from_random(cfg)(input_ids=np.array([[1, 2, 3]]))\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'cupy', 'gpu', 'hf_trace') if m in sys.modules))")
+            "reference.JetMoeForCausalLM.from_random(config)(input_ids=np.array([[1, 2, 3]]))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'cupy', 'gpu', 'jetmoe.hf_trace') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout

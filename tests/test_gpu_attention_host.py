@@ -23,7 +23,7 @@ from gpu import attention as ga
 from gpu.cache import storage_dtype
 from gpu.kernels import KERNEL_DIR
 from reference.attention import attend, attention_probs
-from reference.model import additive_mask
+from reference.attention import additive_mask
 
 F64 = np.dtype(np.float64)
 TOL = 1e-5

@@ -34,7 +34,7 @@ from gpu.cache import KVCache as GpuKVCache  # noqa: E402
 from gpu.cache import StaticKVCache  # noqa: E402
 from reference.attention import attend, attention_probs  # noqa: E402
 from reference.cache import KVCache as RefKVCache  # noqa: E402
-from reference.model import additive_mask  # noqa: E402
+from reference.attention import additive_mask  # noqa: E402
 
 F64 = np.dtype(np.float64)
 F32_TOL = 1e-5

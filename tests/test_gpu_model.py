@@ -125,11 +125,11 @@ def test_greedy_generation_identical(name):
 
 @pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
 def test_bitwise_deterministic(dtype):
-    cfg = reference.JetMoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=4,
+    config = reference.JetMoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=4,
                                  kv_channels=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
     rng = np.random.default_rng()
-    twin = GpuCausalLM.from_reference(reference.JetMoeForCausalLM.from_random(cfg, seed=int(rng.integers(1 << 30))),
+    twin = GpuCausalLM.from_reference(reference.JetMoeForCausalLM.from_random(config, seed=int(rng.integers(1 << 30))),
                                       dtype=dtype)
-    ids = rng.integers(0, cfg.vocab_size, size=(3, 77))
+    ids = rng.integers(0, config.vocab_size, size=(3, 77))
     first, second = twin(input_ids=ids).logits, twin(input_ids=ids).logits
     assert cp.array_equal(first, second), "two runs on the same input must be bitwise identical"

@@ -21,7 +21,8 @@ from reference import JetMoeConfig, JetMoeForCausalLM, KVCache
 from reference.attention import attend, attention_probs, moa, moa_map, moa_reduce
 from reference.experts import moe
 from reference.generation import positions_from_mask
-from reference.model import ExpertWeights, additive_mask
+from reference.attention import additive_mask
+from reference.model import ExpertWeights
 from reference.norm import BLOCK_NORM_EPS, rms_norm
 from reference.rope import apply_rope, cos_sin
 from reference.routing import top_k_gating
@@ -392,16 +393,16 @@ def real_tokens(rng, config, size):
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
 def test_cached_decode_matches_full_forward(rng, name):
     model = make_model(rng, name)
-    cfg = model.config
+    config = model.config
     batch, tokens = 2, 11
-    ids = real_tokens(rng, cfg, (batch, tokens))  # [B, T]
+    ids = real_tokens(rng, config, (batch, tokens))  # [B, T]
     full = model(input_ids=ids, use_cache=True)  # logits [B, T, V]
 
     splits = [3, 1, 1, 4, 2]  # prefix, 1-token steps, a multi-token step, another multi-token step
     cache, start, pieces, capacities = None, 0, [], []
     for n in splits:
         out = model(input_ids=ids[:, start:start + n], past_key_values=cache, use_cache=True)  # [B, n, V]
-        assert out.logits.shape == (batch, n, cfg.vocab_size)
+        assert out.logits.shape == (batch, n, config.vocab_size)
         cache, start = out.past_key_values, start + n
         assert cache.get_seq_length() == start
         capacities.append(cache.capacity)
@@ -410,18 +411,18 @@ def test_cached_decode_matches_full_forward(rng, name):
     assert capacities[0] == splits[0] and capacities[-1] > capacities[0], capacities
     # float64: the same per-token math in differently shaped matmuls -> summation order only
     assert_close(np.concatenate(pieces, axis=1), full.logits, 1e-12, "prefix + cached steps vs full forward")
-    for i in range(cfg.num_hidden_layers):
+    for i in range(config.num_hidden_layers):
         assert_close(cache.key_cache[i], full.past_key_values.key_cache[i], 1e-12, f"cached keys layer {i}")
         assert_close(cache.value_cache[i], full.past_key_values.value_cache[i], 1e-12, f"cached values layer {i}")
 
 
 def test_cache_growing_from_capacity_one(rng):
     model = make_model(rng, "E4_K2_H2")
-    cfg = model.config
+    config = model.config
     batch, tokens = 3, 9
-    ids = real_tokens(rng, cfg, (batch, tokens))  # [B, T]
+    ids = real_tokens(rng, config, (batch, tokens))  # [B, T]
     full = model(input_ids=ids).logits  # [B, T, V]
-    cache = KVCache.for_config(cfg, batch, model.dtype, capacity=1)
+    cache = KVCache.for_config(config, batch, model.dtype, capacity=1)
     steps, seen = [], []
     for t in range(tokens):  # one token at a time: capacity 1 -> 2 -> 4 -> 8 -> 16
         before = cache.capacity
@@ -440,14 +441,14 @@ def test_cache_growing_from_capacity_one(rng):
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
 def test_left_and_right_padding_match_unpadded(rng, name):
     model = make_model(rng, name)
-    cfg = model.config
+    config = model.config
     width = 8
     lengths = [width, int(rng.integers(2, width)), 1]
-    rows = [real_tokens(rng, cfg, n) for n in lengths]
+    rows = [real_tokens(rng, config, n) for n in lengths]
     solo = [model(input_ids=r[None]).logits[0] for r in rows]  # each [n, V]
     # Padding slots hold random junk tokens (not pad_token_id): the mask alone must hide them.
-    left = real_tokens(rng, cfg, (len(rows), width))  # [B, W]
-    right = real_tokens(rng, cfg, (len(rows), width))  # [B, W]
+    left = real_tokens(rng, config, (len(rows), width))  # [B, W]
+    right = real_tokens(rng, config, (len(rows), width))  # [B, W]
     left_mask = np.zeros((len(rows), width), dtype=np.int64)  # [B, W]
     right_mask = np.zeros((len(rows), width), dtype=np.int64)  # [B, W]
     for b, r in enumerate(rows):
@@ -470,8 +471,8 @@ def test_left_and_right_padding_match_unpadded(rng, name):
 def test_left_padding_outputs_are_finite(rng, dtype):
     # A left-pad query sees no key; HF's eager float64 path gives NaN there, the reference must stay finite.
     model = make_model(rng, "E4_K2_H2", dtype=dtype)
-    cfg = model.config
-    ids = real_tokens(rng, cfg, (2, 7))  # [B, T]
+    config = model.config
+    ids = real_tokens(rng, config, (2, 7))  # [B, T]
     mask = np.ones_like(ids)
     mask[0, :4] = 0  # [B, T]: row 0 left-padded by 4
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
@@ -505,13 +506,13 @@ def greedy_no_cache(model, prompt, max_new_tokens):
 @pytest.mark.parametrize("name", ["E4_K2_H2", "E3_K1_H3_untied"])
 def test_batched_left_padded_generate_matches_solo(rng, name, with_eos):
     model = make_model(rng, name)
-    cfg = model.config
+    config = model.config
     width, max_new = 6, 6
     lengths = [width, int(rng.integers(2, width)), 1]
-    prompts = [real_tokens(rng, cfg, n) for n in lengths]
+    prompts = [real_tokens(rng, config, n) for n in lengths]
     if with_eos:
         # Make row 0's third new token an eos, so at least one row stops early and gets pad tokens after.
-        cfg.eos_token_id = int(greedy_no_cache(model, prompts[0], 3)[-1])
+        config.eos_token_id = int(greedy_no_cache(model, prompts[0], 3)[-1])
     solo = []
     for p in prompts:
         out = model.generate(p[None], max_new_tokens=max_new)  # [1, n + new]
@@ -521,9 +522,9 @@ def test_batched_left_padded_generate_matches_solo(rng, name, with_eos):
         np.testing.assert_array_equal(new, greedy_no_cache(model, p, max_new))
         solo.append(new)
     if with_eos:
-        assert len(solo[0]) <= 3 and solo[0][-1] == cfg.eos_token_id
+        assert len(solo[0]) <= 3 and solo[0][-1] == config.eos_token_id
 
-    ids = real_tokens(rng, cfg, (len(prompts), width))  # [B, W]: junk in the padding slots
+    ids = real_tokens(rng, config, (len(prompts), width))  # [B, W]: junk in the padding slots
     mask = np.zeros((len(prompts), width), dtype=np.int64)  # [B, W]
     for b, p in enumerate(prompts):
         ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
@@ -534,15 +535,15 @@ def test_batched_left_padded_generate_matches_solo(rng, name, with_eos):
     assert new.shape[1] == max(len(s) for s in solo)
     for b, s in enumerate(solo):
         np.testing.assert_array_equal(new[b, :len(s)], s, err_msg=f"row {b}")
-        assert np.all(new[b, len(s):] == cfg.pad_token_id), f"row {b} continues after its eos: {new[b]}"
+        assert np.all(new[b, len(s):] == config.pad_token_id), f"row {b} continues after its eos: {new[b]}"
 
 
 # ------------------------------------------------------------------------------------------------ 7. trace
 
 def test_trace_names_and_capture_is_transparent(rng):
     model = make_model(rng, "E4_K2_H2")
-    cfg = model.config
-    ids = real_tokens(rng, cfg, (2, 5))  # [B, T]
+    config = model.config
+    ids = real_tokens(rng, config, (2, 5))  # [B, T]
     mask = np.ones_like(ids)
     mask[1, :2] = 0
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
@@ -556,8 +557,8 @@ def test_trace_names_and_capture_is_transparent(rng):
         assert name in trace, f"trace lacks {name}; has {names}"
     assert names[0] == "embed_tokens" and names[-2:] == ["norm", "logits"]
     assert names.index("layers.0.output") < names.index("layers.1.input_layernorm")
-    assert trace["layers.0.attention.router.top_k_indices"].shape == (ids.size, cfg.num_experts_per_tok)
-    assert trace["layers.1.mlp.expert_out"].shape == (ids.size, cfg.num_experts_per_tok, cfg.hidden_size)
+    assert trace["layers.0.attention.router.top_k_indices"].shape == (ids.size, config.num_experts_per_tok)
+    assert trace["layers.1.mlp.expert_out"].shape == (ids.size, config.num_experts_per_tok, config.hidden_size)
     # Capturing changes nothing, bitwise.
     np.testing.assert_array_equal(traced.logits, plain.logits)
     for a, b in zip(traced.hidden_states + traced.attentions + traced.router_logits,

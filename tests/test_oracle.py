@@ -27,12 +27,11 @@ if transformers.__version__ != "4.56.2":
 from hypothesis import HealthCheck, assume, event, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import hf_oracle  # noqa: E402
+from jetmoe import hf_oracle  # noqa: E402
 from parity import FLOAT32_RTOL, FLOAT64_RTOL, assert_matches, run_all  # noqa: E402
 
 from reference import JetMoeForCausalLM, JetMoeForSequenceClassification  # noqa: E402
-from reference.model import pooling_positions  # noqa: E402
+from reference.inputs import pooling_positions  # noqa: E402
 from reference.generation import positions_from_mask  # noqa: E402
 from reference.trace import compare_tensor  # noqa: E402
 

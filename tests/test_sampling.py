@@ -75,11 +75,11 @@ def test_draws_follow_probabilities(rng):
 
 
 def tiny_model(seed, **overrides):
-    cfg = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=4,
+    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=4,
                intermediate_size=12, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                eos_token_id=None, pad_token_id=0, bos_token_id=1)
-    cfg.update(overrides)
-    return JetMoeForCausalLM.from_random(JetMoeConfig(**cfg), seed=seed, dtype=np.float64)
+    config.update(overrides)
+    return JetMoeForCausalLM.from_random(JetMoeConfig(**config), seed=seed, dtype=np.float64)
 
 
 def test_same_seed_same_tokens(seed, rng):

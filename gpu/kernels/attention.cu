@@ -1,8 +1,7 @@
 // Masked multi-head attention of the MoA layer, and the KV-cache writes: the twin of reference/attention.py's
 // attention_probs + attend (with reference/model.py's additive_mask) and reference/cache.py's update.
 //
-// Shape legend (common.cuh): B batch, T query tokens, S keys (cached + new), K top-k, H kv heads, Dh head dim
-// (<= 128), KH = K*H query heads; query head qh = k*H + j reads kv head j = qh % H (HF's repeat, NOT
+// Shapes: reference/__init__.py (T here counts query tokens; Dh <= 128). KH = K*H query heads; query head qh = k*H + j reads kv head j = qh % H (HF's repeat, NOT
 // repeat_interleave). All sizes, strides and offsets are 64-bit element counts.
 //
 //   q               [B, KH, T, Dh] float32, strides (q_sb, q_sh, q_st), last dim contiguous

@@ -1,7 +1,7 @@
 // Helpers shared by every kernel in gpu/kernels/ (included with -I gpu/kernels by NVRTC and nvcc).
 //
-// Shape legend: B batch, T tokens, S cached+new keys, D hidden, E experts, K top-k, H kv heads, Dh head dim,
-// F intermediate, V vocab, N = B*T tokens, NK = N*K (token, choice) slots.
+// Shapes: the legend in reference/__init__.py (B, T, S, D, E, K, H, Dh, F, V, L, N = B*T, slot s = n*K + k).
+// The kernels add NK = N*K, the number of (token, choice) slots.
 //
 // bf16 is carried as raw uint16 bits (the upper half of a float32), so no CUDA header is needed.
 #pragma once

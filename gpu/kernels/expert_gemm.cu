@@ -1,7 +1,6 @@
 // Grouped expert GEMM with fused gather and scatter (scattermoe's scatter2scatter), and the fixed-order combine.
 //
-// Shape legend (common.cuh): N tokens, K top-k, NK = N*K slots, E experts, D hidden, F intermediate,
-// H kv heads, Dh head dim. Slot s = n*K + k is token n's k-th choice. The routing plan (gpu/routing.py) gives
+// Shapes: reference/__init__.py, and NK = N*K slots (common.cuh). The routing plan (gpu/routing.py) gives
 //   sorted_slots   [NK]  int64  grouped row r -> slot s (rows of one expert are contiguous)
 //   expert_offsets [E+1] int64  expert e owns grouped rows expert_offsets[e] .. expert_offsets[e+1]-1
 //   block_offsets  [E+1] int64  expert e owns row blocks block_offsets[e] .. block_offsets[e+1]-1 of block_rows

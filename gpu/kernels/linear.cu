@@ -2,7 +2,7 @@
 // Written as kernels (not cuBLAS) so a decode step can be captured in a CUDA graph from CuPy.
 //
 // Shapes: x [M, Kin] float32 (row-major), W [Nout, Kin] float32 or bf16 bits (HF's nn.Linear layout),
-// y [M, Nout] float32. Legend for the model: M = N tokens (or B at decode), Kin = D, Nout = 2*H*Dh, E or V.
+// y [M, Nout] float32. Shapes (reference/__init__.py) in the model: M = N tokens (or B at decode), Kin = D, Nout = 2*H*Dh, E or V.
 //
 // Two algorithms, chosen on the host from M alone:
 //   linear_gemv_*   M <= GEMV_MAX_ROWS (decode): one warp per output column n streams W[n, :] once,

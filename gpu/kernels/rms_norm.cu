@@ -1,6 +1,6 @@
 // RMSNorm: the twin of reference/norm.py.
 //
-// Shape legend (common.cuh): R rows (every leading dim of x flattened), D hidden.
+// Shapes: reference/__init__.py, and R rows (every leading dim of x flattened).
 //   x [R, D] float32, weight [D] float32 (rms_norm_f32) or bf16 bits (rms_norm_bf16), y [R, D] float32.
 //
 // One block per row: each thread sums x^2 over a strided part of the row in float32, a fixed-shape block tree

@@ -1,6 +1,6 @@
 // Rotary position embedding with rotate_half: the twin of reference/rope.py (cos_sin + apply_rope).
 //
-// Shape legend (common.cuh): B batch, P heads (K*H query heads or H kv heads), T tokens, Dh head dim.
+// Shapes: reference/__init__.py, and P heads (K*H query heads or H kv heads).
 //   x [B, P, T, Dh] float32, position_ids [B or 1, T] int64, inv_freq [Dh/2] float32, y [B, P, T, Dh] float32.
 //
 // One thread per rotated pair (i, i + Dh/2) of one (b, p, t) row:

@@ -1,7 +1,6 @@
 // Top-k gating and the dispatch plan: the twin of reference/routing.py (NumPy models: gpu/routing.py).
 //
-// Shape legend (common.cuh): N tokens, E experts, K top-k, NK = N*K slots (slot s = n*K + k is token n's k-th
-// choice), C = ceil(NK / chunk) slot chunks, `chunk` = blockDim.x of plan_count / plan_place (a multiple of 32,
+// Shapes: reference/__init__.py, and NK = N*K slots (common.cuh), C = ceil(NK / chunk) slot chunks, `chunk` = blockDim.x of plan_count / plan_place (a multiple of 32,
 // at most 1024).
 //
 // topk_softmax_f32   logits [N, E] -> indices [N, K] int64, gates [N, K] float32.  One warp per token.

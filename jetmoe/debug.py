@@ -1,10 +1,11 @@
-"""The port debugger: run the reference and another JetMoE implementation on the same input and find the first
-intermediate tensor where they part.
+"""The port debugger: find the first intermediate tensor where the reference and another implementation part.
 
-    python -m reference.debug compare weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --against hf
-    python -m reference.debug compare MODEL --prompt "ROMEO:" --against gpu          # the CuPy twin
-    python -m reference.debug compare MODEL --against my_port_trace.safetensors      # a trace your port wrote
-    python -m reference.debug dump MODEL --prompt "ROMEO:" --out reference_trace.safetensors
+Both run on the same input.
+
+    jetmoe debug compare weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --against hf
+    jetmoe debug compare MODEL --prompt "ROMEO:" --against gpu          # the CuPy twin
+    jetmoe debug compare MODEL --against my_port_trace.safetensors      # a trace your port wrote
+    jetmoe debug dump MODEL --prompt "ROMEO:" --out reference_trace.safetensors
 
 `compare` prints one row per named intermediate (README.md "Trace names"), in forward order: name, shape, max abs
 and max rel error (rel = max |a-b| / max |reference|), and for routing choices whether the top-k experts agree.
@@ -14,25 +15,21 @@ when there is one. `dump` writes the reference trace to safetensors, together wi
 tensors under the same names, and `compare --against` that file needs no --prompt.
 
 The other implementation is one of:
-- `hf`: Hugging Face transformers (scripts/hf_trace.py: forward hooks mapped to our names; the oracle extra);
+- `hf`: Hugging Face transformers (jetmoe/hf_trace.py: forward hooks mapped to our names; the oracle extra);
 - `gpu`: the GPU twin (needs CuPy and a CUDA GPU);
 - a path to a .safetensors trace.
-Only `--against hf` and `--against gpu` reach outside the reference, and only when asked: `import reference`
-never imports torch, transformers or gpu/.
+torch, transformers and CuPy are imported only when `--against hf` or `--against gpu` asks for them.
 """
 
-import argparse
-import importlib
 import os
-import sys
 
 import numpy as np
 
-from . import cli
-from .generation import positions_from_mask
-from .trace import Trace, capture, compare
+from reference.generation import positions_from_mask
+from reference.trace import Trace, capture, compare, format_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import cli
+
 INPUT_NAMES = ("inputs.input_ids", "inputs.attention_mask")
 # Default tolerances: what two correct implementations reach in each dtype (float32: summation order and
 # float32-vs-float64 routing logits; float64: round-off), relative to the largest reference entry.
@@ -50,15 +47,17 @@ def reference_trace(model, input_ids, attention_mask):
 def other_trace(against, model_dir, input_ids, attention_mask, dtype):
     """{name: array} of HF (against="hf") or the GPU twin (against="gpu") on the same input."""
     if against == "hf":
-        sys.path.insert(0, os.path.join(ROOT, "scripts"))
         try:
-            hf_trace = importlib.import_module("hf_trace")
+            from .hf_trace import hf_trace
         except ImportError as error:
             raise ValueError(f"--against hf needs torch and transformers==4.56.2 (make setup-oracle): {error}") \
                 from None
-        return hf_trace.hf_trace(model_dir, input_ids, attention_mask, dtype)
-    gpu = importlib.import_module("gpu")
-    model = gpu.JetMoeForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return hf_trace(model_dir, input_ids, attention_mask, dtype)
+    import gpu
+    try:
+        model = gpu.JetMoeForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except gpu.GpuUnavailable as error:
+        raise ValueError(f"--against gpu: {error}") from None
     return reference_trace(model, input_ids, attention_mask)
 
 
@@ -87,21 +86,6 @@ def comparison_rows(ours, theirs, rtol, atol):
     return [(row, agreement(row.name, ours[row.name], theirs[row.name])) for row in rows]
 
 
-def format_table(rows, show_all):
-    # rows: [(Divergence, agreement)] -> (text, first diverging row or None)
-    lines = [f"   {'name':<46} {'shape':<18} {'max abs':>10} {'max rel':>10}  top-k"]
-    first = None
-    for row, agrees in rows:
-        mark = "  "
-        if not row.ok and first is None:
-            first, mark = row, ">>"
-        lines.append(f"{mark} {row.name:<46} {str(row.shape):<18} {row.max_abs:>10.3e} {row.max_rel:>10.3e}  "
-                     f"{agrees}{'' if row.ok else '  DIVERGES'}")
-        if first is not None and not show_all:
-            break
-    return "\n".join(lines), first
-
-
 def inputs_for(args, tokenizer, saved):
     """(input_ids [B, T], attention_mask [B, T]): a saved trace's inputs, else the --prompt texts, left-padded."""
     if saved is not None and INPUT_NAMES[0] in saved:
@@ -128,9 +112,9 @@ def run_compare(args):
     if not rows:
         raise ValueError(f"the reference trace and {args.against} share no tensor names (see README.md "
                          "'Trace names')")
-    table, first = format_table(rows, args.all)
+    first = next((row for row, _ in rows if not row.ok), None)
     print(f"reference ({args.dtype}) vs {args.against} on input_ids {ids.shape}, rtol {rtol:g}, atol {args.atol:g}")
-    print(table)
+    print(format_rows([row for row, _ in rows], notes=[agrees for _, agrees in rows], stop_at_first=not args.all))
     only_ours = [name for name in ours if name not in theirs]
     if only_ours:
         print(f"\n{len(only_ours)} reference tensors have no counterpart in {args.against} (not compared), "
@@ -154,11 +138,10 @@ def run_dump(args):
     return 0
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m reference.debug", description=__doc__.split("\n")[0])
+def add_arguments(parser):
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("compare", "compare every intermediate with another implementation"),
-                       ("dump", "write the reference trace (and its inputs) to safetensors")]:
+    for name, text, run in [("compare", "compare every intermediate with another implementation", run_compare),
+                            ("dump", "write the reference trace (and its inputs) to safetensors", run_dump)]:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("model", help="a Hugging Face JetMoE directory (config.json, weights, tokenizer.json)")
         sub.add_argument("--prompt", action="append", help="input text; repeat for a left-padded batch")
@@ -173,13 +156,4 @@ def parse_args(argv):
                                                                 "divergence")
         else:
             sub.add_argument("--out", required=True, help="the .safetensors file to write")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    return run_compare(args) if args.command == "compare" else run_dump(args)
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))
+        sub.set_defaults(run=run)

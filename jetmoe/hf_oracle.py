@@ -1,6 +1,6 @@
 """The Hugging Face side of our parity checks: builds HF's JetMoe (transformers==4.56.2, CPU torch) and runs it.
 
-Used by scripts/make_goldens.py and tests/test_oracle.py only; the `reference` package never imports this.
+Used by scripts/ (goldens, benchmarks, training) and tests/oracle/; `reference` and `gpu` never import this.
 
 float64 oracle: HF casts six things to float32 whatever the model dtype (RMSNorm, RoPE angles and the
 inv_freq buffer, router logits, the eager attention softmax, the causal-LM loss, the aux loss's expert counts),
@@ -86,10 +86,10 @@ def set_inv_freq_precision(model):
     """HF's default RoPE init (1 / base ** (arange(0, dim, 2) / dim)), evaluated in the model's dtype."""
     for module in model.modules():
         if isinstance(module, hf.JetMoeRotaryEmbedding):
-            cfg = module.config
+            config = module.config
             dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-            dim = cfg.kv_channels
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+            dim = config.kv_channels
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
             module.inv_freq = inv_freq
             module.original_inv_freq = inv_freq
 
@@ -97,9 +97,9 @@ def set_inv_freq_precision(model):
 def hf_config(config_dict):
     """transformers.JetMoeConfig from our config.json dict, eager attention (so attentions can be returned)."""
     values = {k: v for k, v in config_dict.items() if k not in ("num_attention_heads", "architectures", "model_type")}
-    cfg = transformers.JetMoeConfig(**values)
-    cfg._attn_implementation = "eager"
-    return cfg
+    config = transformers.JetMoeConfig(**values)
+    config._attn_implementation = "eager"
+    return config
 
 
 def randomize(model, seed, clear_margin=True):
@@ -171,13 +171,13 @@ def run_causal_lm(model, inputs):
     inputs_embeds [B,T,D], decode_splits [3] (token counts of three cached forwards), keep_index [k].
     """
     t = np_inputs(inputs)
-    cfg = model.config
+    config = model.config
     out = {}
     with torch.no_grad():
         full = model(input_ids=t["input_ids"], labels=t["labels"], output_attentions=True,
                      output_hidden_states=True, use_cache=True)
         out["logits"] = to_numpy(full.logits)
-        out["loss"] = to_numpy(causal_lm_loss(full.logits, t["labels"], cfg.vocab_size))
+        out["loss"] = to_numpy(causal_lm_loss(full.logits, t["labels"], config.vocab_size))
         if model.dtype == torch.float32:  # the helper must be HF's own loss path where no patch applies
             assert torch.equal(full.loss, torch.as_tensor(out["loss"])), (full.loss, out["loss"])
         for i, h in enumerate(full.hidden_states):
@@ -190,11 +190,11 @@ def run_causal_lm(model, inputs):
         base = model.model(input_ids=t["input_ids"], output_router_logits=True)
         for i, r in enumerate(base.router_logits):
             out[f"router_logits.{i}"] = to_numpy(r)
-        aux = hf.load_balancing_loss_func(base.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+        aux = hf.load_balancing_loss_func(base.router_logits, config.num_local_experts, config.num_experts_per_tok)
         out["aux_loss"] = to_numpy(aux)
-        out["loss_with_aux"] = to_numpy(causal_lm_loss(full.logits, t["labels"], cfg.vocab_size)
-                                        + cfg.aux_loss_coef * aux)
-        out["router_margin"] = np.array(top_k_margin(base.router_logits, cfg.num_experts_per_tok))
+        out["loss_with_aux"] = to_numpy(causal_lm_loss(full.logits, t["labels"], config.vocab_size)
+                                        + config.aux_loss_coef * aux)
+        out["router_margin"] = np.array(top_k_margin(base.router_logits, config.num_experts_per_tok))
 
         positions = hf_generation_positions(t["padded_mask"])
         padded = model(input_ids=t["padded_ids"], attention_mask=t["padded_mask"], position_ids=positions)
@@ -202,7 +202,7 @@ def run_causal_lm(model, inputs):
         base = model.model(input_ids=t["padded_ids"], attention_mask=t["padded_mask"], position_ids=positions,
                            output_router_logits=True)
         out["padded.aux_loss"] = to_numpy(hf.load_balancing_loss_func(
-            base.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, t["padded_mask"]))
+            base.router_logits, config.num_local_experts, config.num_experts_per_tok, t["padded_mask"]))
 
         cache, start = None, 0
         for step, n in enumerate(inputs["decode_splits"]):

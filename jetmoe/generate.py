@@ -1,25 +1,26 @@
 """Generate text from a JetMoE checkpoint with the NumPy reference, streaming it as it comes.
 
-    python -m reference.generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --max-new-tokens 200
+    jetmoe generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --max-new-tokens 200
 
 Works on any Hugging Face JetMoE directory (config.json, model.safetensors or shards, tokenizer.json). Several
 --prompt flags make one left-padded batch (printed when all are done; a single prompt streams). It ends with the
 speed (tokens/s) and the expert load: the share of top-k choices each expert of each layer got on the text.
+The same --seed gives the same text for the same prompts: a batch draws from one Generator, row after row, so a
+prompt in a batch gets other draws than the same prompt alone.
 """
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
+from reference.generation import positions_from_mask
+from reference.routing import expert_load, format_expert_load
+
 from . import cli
-from .generation import positions_from_mask
-from .routing import expert_load
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m reference.generate", description=__doc__.split("\n")[0])
+def add_arguments(parser):
     cli.add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True,
                         help="text to continue; repeat the flag for a batch of prompts (left-padded)")
@@ -31,9 +32,10 @@ def parse_args(argv):
                         help="sample from the k most likely tokens only (default 50; 0: no limit)")
     parser.add_argument("--top-p", type=cli.probability, default=0.95,
                         help="sample from the smallest set of tokens holding this probability (default 0.95; 1: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling Generator (default 0)")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0,
+                        help="seed of the sampling Generator (default 0)")
     parser.add_argument("--no-stats", action="store_true", help="print only the text, not speed and expert load")
-    return parser.parse_args(argv)
+    parser.set_defaults(run=main)
 
 
 def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
@@ -52,23 +54,12 @@ def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
     return ids, mask
 
 
-def format_expert_load(load, num_layers):
-    # load: [2L, E] shares -> table text, one row per layer, attention (MoA) experts then MLP (MoE) experts
-    experts = load.shape[1]
-    width = max(4 * experts, len("attention experts"))
-    lines = [f"expert load: % of each layer's top-k choices (uniform = {100 / experts:.1f}%)",
-             f"layer  {'attention experts':<{width}}  mlp experts"]
-    for layer in range(num_layers):
-        attention, mlp = (" ".join(f"{100 * x:3.0f}" for x in load[2 * layer + j]) for j in (0, 1))
-        lines.append(f"{layer:>5}  {attention:<{width}}  {mlp}")
-    return "\n".join(lines)
 
-
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     model, tokenizer = cli.load(args.model, args.dtype)
     config = model.config
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, config, args.model)
+    warn_past_training_context(int(mask.sum(axis=1).max()) + args.max_new_tokens, args.model)
     streaming = len(args.prompt) == 1
     stream = tokenizer.stream(ids[0, mask[0] == 1])  # knows the prompt, so the first word keeps its space
     if streaming:
@@ -112,5 +103,11 @@ def generated_length(row, config):
     return int(ends[0]) + 1 if ends.size else row.size
 
 
-if __name__ == "__main__":
-    sys.exit(cli.run(main))
+def warn_past_training_context(total_tokens, model_dir):
+    """A warning when prompt plus new tokens pass the window the model was trained on (its train_log.json):
+    positions past it were never seen in training, and the text falls apart there."""
+    trained = cli.training_context(model_dir)
+    if trained is not None and total_tokens > trained:
+        print(f"warning: prompt plus --max-new-tokens is {total_tokens} tokens, past the {trained}-token context "
+              f"{model_dir} was trained on (its train_log.json): text past token {trained} falls apart",
+              file=sys.stderr)

@@ -1,30 +1,31 @@
-"""What the command-line tools share: loading a model directory with its tokenizer, argument checks, and turning
-a bad input into one line on stderr and a non-zero exit instead of a traceback."""
+"""The `jetmoe` command: one entry point for the tools over the reference (and the GPU twin).
+
+    jetmoe generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:"
+    jetmoe evaluate --model MODEL --text-file build/corpus/validation.txt --context 256
+    jetmoe debug compare MODEL --prompt "ROMEO:" --against hf
+    jetmoe debug dump MODEL --prompt "ROMEO:" --out trace.safetensors
+
+`python -m jetmoe` is the same command. This module also holds what the tools share: loading a model directory
+with its tokenizer, argument checks, and turning a bad input into one line on stderr and a non-zero exit instead
+of a traceback.
+"""
 
 import argparse
+import json
+import math
 import os
 import sys
 
 import numpy as np
 
-from .checkpoint import CheckpointError
-from .model import JetMoeForCausalLM
-from .tokenizer import Tokenizer, TokenizerError
+from reference import CheckpointError, JetMoeForCausalLM
+from reference.tokenizer import Tokenizer, TokenizerError
 
 # What a user can get wrong: a path or file (FileNotFoundError, CheckpointError, TokenizerError), text that is not
 # UTF-8 (UnicodeDecodeError) or a value the model rejects (ValueError, e.g. a bad config.json), each with a message
 # that names it; reported as `error: ...` and exit status 1.
 USER_ERRORS = (FileNotFoundError, CheckpointError, TokenizerError, UnicodeDecodeError, ValueError)
 DTYPES = {"float32": np.float32, "float64": np.float64}
-
-
-def run(main, argv=None):
-    """Calls main(argv); a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1."""
-    try:
-        return main(argv)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
 
 
 def add_model_arguments(parser):
@@ -44,6 +45,22 @@ def load(model_dir, dtype):
         raise TokenizerError(f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                              f"vocab_size is {model.config.vocab_size}")
     return model, tokenizer
+
+
+def training_context(model_dir):
+    """Tokens per training window, from the train_log.json our training scripts write beside the weights; None
+    when the directory has none (a hub checkpoint). A bad file is reported, not guessed around."""
+    path = os.path.join(model_dir, "train_log.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = json.load(f)["train"]["tokens"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a training log with train.tokens: {error}") from None
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {tokens!r}")
+    return tokens
 
 
 def check_prompts(prompts):
@@ -71,8 +88,8 @@ def positive_int(text):
 
 def non_negative_float(text):
     value = _number(text, float)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -89,3 +106,30 @@ def _number(text, kind):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                          f"got {text!r}") from None
+
+
+def parser():
+    """The whole command line: one subcommand per tool, each module adding its own arguments."""
+    from . import debug, evaluate, generate
+    top = argparse.ArgumentParser(prog="jetmoe", description=__doc__.split("\n")[0])
+    tools = top.add_subparsers(dest="tool", required=True, metavar="{generate,evaluate,debug}")
+    for module in (generate, evaluate, debug):
+        name = module.__name__.rsplit(".", 1)[1]
+        summary = module.__doc__.split("\n")[0]
+        module.add_arguments(tools.add_parser(name, help=summary, description=summary))
+    return top
+
+
+def main(argv=None):
+    """Runs one tool; a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1."""
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def console_main():
+    """The console-script entry point declared in pyproject.toml."""
+    sys.exit(main())

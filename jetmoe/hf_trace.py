@@ -1,6 +1,6 @@
 """Hugging Face's JetMoe forward, recorded under the reference's trace names (README.md "Trace names").
 
-Used by `python -m reference.debug compare --against hf`, tests/test_debug_oracle.py and notebook 7; needs the oracle
+Used by `jetmoe debug compare --against hf`, the oracle tests and notebook 07; needs the oracle
 extra (CPU torch, transformers==4.56.2). Forward hooks on HF's modules catch what each module returns; where HF
 keeps a tensor in expert-sorted order (the expert projections see their inputs grouped by expert), it is put back
 into the reference's slot order [N, K, ...] with HF's own index_sorted_experts. Two intermediates live inside
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
-import hf_oracle
+from . import hf_oracle
 
 
 def _np(tensor):
