@@ -34,9 +34,9 @@ def positions_from_mask(attention_mask):
 
 def check_sampling(temperature, top_k, top_p):
     """ValueError naming the first bad sampling setting (HF's GenerationConfig checks the same ranges)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} (greedy decoding is "
-                         "do_sample=False)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < np.inf:
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r} (greedy "
+                         "decoding is do_sample=False)")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -46,7 +46,12 @@ def check_sampling(temperature, top_k, top_p):
 def sampling_probabilities(logits, temperature=1.0, top_k=50, top_p=1.0):
     # logits: [B, V] -> [B, V] probabilities of the tokens sampling may draw (0 for filtered-out tokens)
     check_sampling(temperature, top_k, top_p)
-    scores = logits.astype(compute_dtype(logits.dtype)) / logits.dtype.type(temperature)  # TemperatureLogitsWarper
+    # TemperatureLogitsWarper divides by the temperature. Subtracting each row's max first, in float64, changes no
+    # probability (softmax, top-k and top-p are shift-invariant) and keeps every temperature > 0 well defined: as it
+    # goes to 0 the best token stays at 0 and the others go to -inf, which is greedy.
+    wide = logits.astype(np.float64)  # [B, V]
+    with np.errstate(over="ignore"):
+        scores = ((wide - wide.max(axis=-1, keepdims=True)) / temperature).astype(compute_dtype(logits.dtype))
     if 0 < top_k < scores.shape[-1]:
         # TopKLogitsWarper: drop every score below the k-th largest (ties with it are kept)
         kth = np.partition(scores, -top_k, axis=-1)[:, -top_k, None]  # [B, 1]
