@@ -7,6 +7,8 @@ k*H + j attends with kv head j: HF's `key_states.repeat(1, K, 1, 1)` (repeat, no
   map      q[n, k] = Wq[e(n,k)] @ x[n]                          [N, K, H*Dh]
   attend   softmax(q k^T / sqrt(Dh) + mask) v, per query head    [N, K, H*Dh]
   reduce   y[n] = sum_k gate[n,k] * Wo[e(n,k)] @ o[n,k] + bias   [N, D]
+
+Notebook: notebooks/04_mixture_of_attention_heads.ipynb.
 """
 
 import math

@@ -2,6 +2,8 @@
 
 Like HF's DynamicCache it stores keys after RoPE, per layer, as [B, H, S, Dh]; unlike it, the storage is
 allocated once (and doubled when a forward outgrows it) so decoding writes in place instead of concatenating.
+
+Notebook: notebooks/04_mixture_of_attention_heads.ipynb.
 """
 
 import numpy as np

@@ -3,6 +3,8 @@
 Tensors keep HF's key names. Files are memory-mapped: a tensor whose dtype already matches the requested one
 is a read-only view of the file, never a copy. BF16 is read through ml_dtypes. Every error names the tensor
 (or file) at fault.  Shapes: reference/__init__.py.
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import json

@@ -1,6 +1,8 @@
 """JetMoE hyper-parameters: the same fields, defaults and config.json format as HF's `JetMoeConfig`.
 
 The letters after each size field are the shape legend's (reference/__init__.py).
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import json

@@ -6,6 +6,8 @@ Dispatch, shared with the MoA (reference/attention.py):
   ungroup  back to slot order                                [N, K, out]
   combine  sum_k gate[n, k] * y[n, k] + bias                 [N, out]
 No per-token loop: E matmuls per projection, like HF's JetMoeParallelExperts.
+
+Notebook: notebooks/03_mixture_of_mlp_experts.ipynb.
 """
 
 import numpy as np

@@ -9,6 +9,8 @@ Shapes: reference/__init__.py.
   TopPLogitsWarper (sampling_probabilities), to float32-or-better logits (HF: `.to(torch.float32)`), then draws
   one token per row from a seeded NumPy Generator: the same seed gives the same tokens. The draws differ from
   torch.multinomial's, so sampled text equals HF's in distribution, not token for token.
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import numpy as np

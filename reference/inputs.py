@@ -1,6 +1,8 @@
 """A forward's inputs, checked and normalized on the host before any math: shared with the GPU twin.
 
 Shapes: the legend in reference/__init__.py. Every error names the argument, its shape or its value.
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import warnings

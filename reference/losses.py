@@ -1,6 +1,8 @@
 """Losses, as HF computes them.  Shapes: reference/__init__.py.
 
 All run in float32 or better (HF upcasts logits with `.float()` before the loss).
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import numpy as np

@@ -2,6 +2,8 @@
 
 HF quirk (reproduced on purpose): JetMoeBlock builds its two norms as `JetMoeRMSNorm(hidden_size)`, so they
 use the class default eps=1e-6 whatever config.rms_norm_eps says; only the final norm receives rms_norm_eps.
+
+Notebook: notebooks/01_rmsnorm_and_rope.ipynb.
 """
 
 import numpy as np

@@ -1,6 +1,8 @@
 """What a forward returns: HF's output dataclasses, field for field (transformers.modeling_outputs).
 
 Shapes: the legend in reference/__init__.py. Shared with the GPU twin, whose fields hold CuPy arrays.
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 from dataclasses import dataclass

@@ -4,6 +4,8 @@ HF upcasts RMSNorm, RoPE angles, router logits, the attention softmax and the lo
 "float32 or better": float32 for float32 (and lower) models, float64 for float64 models. For float32 this is
 exactly HF; for float64 it keeps full precision, and the golden script runs HF with the same promotion
 (scripts/make_goldens.py lists every patched line).
+
+Notebook: notebooks/01_rmsnorm_and_rope.ipynb.
 """
 
 import numpy as np

@@ -2,6 +2,8 @@
 
 Dimension i of the first half of a head pairs with dimension i + Dh/2 (rotate_half), rotated by
 angle position * theta^(-2i/Dh).
+
+Notebook: notebooks/01_rmsnorm_and_rope.ipynb.
 """
 
 import numpy as np

@@ -2,6 +2,8 @@
 
 HF JetMoeTopKGating: logits = x @ Wr^T (float32 or better); take the top-k logits; softmax over only those k;
 then group the N*K (token, choice) slots by expert. Slot s = n*K + k is token n's k-th choice.
+
+Notebook: notebooks/02_top_k_routing.ipynb.
 """
 
 from dataclasses import dataclass

@@ -5,6 +5,8 @@ decides what HF's `LlamaTokenizerFast` decides on top of it: whether a bos token
 batch, and how generated ids become text as they arrive.
 The bos/eos/pad ids come from the model's config.json. Two kinds of tokenizer.json are handled by the same code:
 byte-level BPE (our bundled model) and Llama-style SentencePiece BPE with byte fallback (jetmoe-8b).
+
+Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import json

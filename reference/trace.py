@@ -4,6 +4,8 @@ The model code always calls `record(name, value)`; with no active `capture()` th
 lookup, so tracing never changes the code path. Names are built from nested `scope()`s, e.g.
 `layers.3` + `attention.router` + `top_k_indices` -> `layers.3.attention.router.top_k_indices`.
 The full naming scheme is listed in README.md ("Trace names").
+
+Notebook: notebooks/07_debugging_a_port.ipynb.
 """
 
 import contextlib
