@@ -20,6 +20,7 @@ from .experts import combine, grouped_linear, ungroup
 from .precision import compute_dtype
 from .rope import apply_rope
 from .routing import softmax, top_k_gating
+from .weights import linear
 
 
 def additive_mask(attention_mask, cache_position, num_keys, dtype):
@@ -72,7 +73,7 @@ def moa(x, w, cos, sin, mask, cache, layer_idx, config):
         plan = top_k_gating(x2d, w.router, top_k)
     query = moa_map(x2d, plan, w.input_linear)  # [N, K, H*Dh]
     q = query.reshape(batch, tokens, top_k, heads, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, H, T, Dh]
-    kv = x2d @ w.kv_proj.T  # [N, 2*H*Dh]: keys then values (HF chunk(2, dim=-1))
+    kv = linear(x2d, w.kv_proj)  # [N, 2*H*Dh]: keys then values (HF chunk(2, dim=-1))
     k, v = (part.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
             for part in np.split(kv, 2, axis=-1))
     trace.record("query", query.reshape(batch, tokens, top_k, heads * head_dim))

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import JetMoeConfig
+from .weights import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -36,9 +37,11 @@ class Pretrained:
     head = "base"
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32):
+    def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None):
+        """max_memory: bytes the converted weights may take (default: reference.weights.MEMORY_FRACTION of the
+        available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion."""
         config = JetMoeConfig.from_pretrained(path)
-        base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, dtype)
+        base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, dtype, max_memory, progress)
         return cls(config, base, head)
 
     @classmethod
@@ -177,8 +180,8 @@ def _strip_base_prefix(tensors):
     return out
 
 
-def select_tensors(tensors, config, head, dtype):
-    """Validate raw checkpoint tensors for `head` and convert them to `dtype`.
+def select_tensors(tensors, config, head, dtype, max_memory=None, progress=None):
+    """Validate raw checkpoint tensors for `head` and bring them to `dtype` (see `place`).
 
     Returns (base tensors by prefix-free name, head tensors by name). Missing, unexpected and mis-shaped
     tensors are errors that name every offender. A base model ignores a head's tensors, as HF does when a
@@ -207,13 +210,50 @@ def select_tensors(tensors, config, head, dtype):
                                   f"the config needs {list(shape)}")
         if not np.issubdtype(tensors[name].dtype, np.floating) and tensors[name].dtype != ml_dtypes.bfloat16:
             raise CheckpointError(f"tensor {name!r} has non-float dtype {tensors[name].dtype}")
-    converted = {name: tensors[name] if tensors[name].dtype == dtype else tensors[name].astype(dtype)
-                 for name in expected}
+    converted = place({name: tensors[name] for name in expected}, dtype, max_memory, progress)
     if tied:
         converted["lm_head.weight"] = converted["embed_tokens.weight"]
     head_names = set(head_parameter_shapes(config, head))
     base = {n: t for n, t in converted.items() if n not in head_names}
     return base, {n: t for n, t in converted.items() if n in head_names}
+
+
+def is_small(name, tensor):
+    """Norms, biases and routers: converted at load whatever the budget (routers decide which experts run)."""
+    return tensor.ndim == 1 or name.endswith("router.layer.weight")
+
+
+def place(tensors, dtype, max_memory=None, progress=None):
+    """name -> tensor in `dtype`: a view of the file where its dtype already is `dtype`; else converted now when
+    all conversions fit `max_memory` bytes (default MEMORY_FRACTION of the available memory), else converted now
+    only if small and otherwise a MappedWeight that converts what the forward reads (reference/weights.py).
+    progress(done, total, unit) is called as bytes are converted. A model that does not fit even so is an error
+    before any work starts."""
+    to_convert = {n for n, t in tensors.items() if t.dtype != dtype}
+    needed = sum(tensors[n].size for n in to_convert) * dtype.itemsize
+    available = available_memory()
+    if max_memory is None:
+        max_memory = MEMORY_FRACTION * available if available is not None else float("inf")
+    if needed > max_memory:
+        to_convert = {n for n in to_convert if is_small(n, tensors[n])}
+        needed = sum(tensors[n].size for n in to_convert) * dtype.itemsize
+        limit = max_memory if available is None else min(max_memory, available)
+        if needed > limit:
+            raise CheckpointError(f"the model does not fit: even with its matrices left in the file it needs "
+                                  f"{needed / 2**30:.2f} GiB of converted tensors, and {limit / 2**30:.2f} GiB "
+                                  "are available (max_memory or the free memory)")
+    out, done = {}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype == dtype:
+            out[name] = tensor
+        elif name in to_convert:
+            out[name] = convert(tensor, np.empty(tensor.shape, dtype))
+            done += out[name].nbytes
+            if progress is not None:
+                progress(done, needed, "B")
+        else:
+            out[name] = MappedWeight(tensor, dtype)
+    return out
 
 
 def write_checkpoint(path, config, tensors):

@@ -14,13 +14,14 @@ import numpy as np
 
 from . import trace
 from .routing import top_k_gating
+from .weights import linear
 
 
 def grouped_linear(grouped_x, weights, plan):
     # grouped_x: [N*K, in] rows in plan.sorted_slots order, weights: [E, out, in] -> [N*K, out]
     out = np.empty((grouped_x.shape[0], weights.shape[1]), dtype=grouped_x.dtype)
     for expert, rows in plan.expert_groups():
-        out[rows] = grouped_x[rows] @ weights[expert].T
+        out[rows] = linear(grouped_x[rows], weights[expert])  # x @ W_e^T
     return out
 
 

@@ -23,6 +23,7 @@ from .losses import causal_lm_losses, classification_loss
 from .norm import BLOCK_NORM_EPS, rms_norm
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .rope import cos_sin
+from .weights import linear
 
 
 def block(h, w, cos, sin, mask, cache, layer_idx, config):
@@ -130,7 +131,7 @@ class JetMoeForCausalLM(Pretrained):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h  # 0 keeps all, as HF's slice(-0, None)
         else:
             kept = h[:, int_array("logits_to_keep", logits_to_keep, 1)]
-        logits = kept @ self.lm_head.T  # [B, T_kept, V]
+        logits = linear(kept, self.lm_head)  # [B, T_kept, V]
         trace.record("logits", logits)
         loss, aux_loss = causal_lm_losses(config, logits, labels, out.router_logits, attention_mask, h.shape[:2])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
@@ -162,7 +163,7 @@ class JetMoeForSequenceClassification(Pretrained):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          cache_position=cache_position, output_router_logits=False)
-        logits = out.last_hidden_state @ self.score.T  # [B, T, C]
+        logits = linear(out.last_hidden_state, self.score)  # [B, T, C]
         batch = logits.shape[0]
         pooled = logits[np.arange(batch), pooling_positions(config, input_ids, batch)]  # [B, C]
         trace.record("pooled_logits", pooled)

@@ -4,7 +4,6 @@ Every case draws fresh random weights and token ids (the seed is printed, so a f
 each rejection has a nearby accepted input as a control, so a check that rejects everything would fail too.
 """
 
-import os
 import dataclasses
 import json
 import re
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 
 from reference import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+
+from paths import ROOT
 
 V, D, MAX_POS = 48, 16, 12
 
@@ -264,8 +265,8 @@ def test_unsupported_model_dtype(seed, tmp_path, dtype):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=0.0), r"temperature must be a number > 0 when sampling, got 0.0 \(greedy decoding is"),
-    (dict(temperature=-1.0), r"temperature must be a number > 0 when sampling, got -1.0"),
+    (dict(temperature=0.0), r"temperature must be a finite number > 0 when sampling, got 0.0 \(greedy decoding is"),
+    (dict(temperature=-1.0), r"temperature must be a finite number > 0 when sampling, got -1.0"),
     (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 keeps every token\), got -1"),
     (dict(top_k=2.5), r"top_k must be an integer >= 0 .*got 2.5"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1 keeps every token\), got 0.0"),
@@ -333,5 +334,5 @@ def test_import_reference_needs_no_torch_transformers_or_cupy():
             "reference.JetMoeForCausalLM.from_random(config)(input_ids=np.array([[1, 2, 3]]))\n"
             "print(sorted(m for m in ('torch', 'transformers', 'cupy', 'gpu', 'jetmoe.hf_trace') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout

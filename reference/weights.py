@@ -1,0 +1,132 @@
+"""Where the weights live: converted to the compute dtype in memory, or left in the checkpoint file.
+
+Shapes: reference/__init__.py. Notebook: notebooks/05_the_whole_model.ipynb.
+
+A bf16 checkpoint run in float32 needs twice its file size once converted: 34 GB for jetmoe-8b, more than the
+machines this project runs on. So `select_tensors` (reference/checkpoint.py) converts at load only when the
+converted tensors fit a memory budget; otherwise each big matrix stays memory-mapped in the file's dtype as a
+`MappedWeight`, and only what the forward touches is converted:
+- `stack[e]` of an expert stack [E, out, in] is expert e's slice, still in the file: nothing is read;
+- `x @ w.T` converts w a block of rows at a time into a reusable buffer and multiplies block by block, so the
+  converted copy never outlives its matmul and a decoded token reads only its routed experts' bytes;
+- `w[ids]`, an embedding lookup, converts only the rows it returns.
+The model code cannot tell the two apart: `x @ w.T`, `w[e]` and `w[ids]` read the same, so the math and the trace
+names do not change. A block's product equals the whole matrix's bit for bit (each output is the same dot
+product over `in`), which tests/reference/test_weights.py checks against eager conversion.
+"""
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# Of the memory available at load, the share the converted weights may take before they stay in the file.
+MEMORY_FRACTION = 0.5
+# A decode step's block of weight rows: small enough to stay in cache from its conversion to its product, and a
+# multiple of BLOCK_ROWS rows (OpenBLAS gives other bits for some other block heights).
+DECODE_BLOCK_BYTES = 1 << 20
+BLOCK_ROWS = 64
+DECODE_ROWS = 16  # x with at most this many rows is multiplied block by block
+THREADS = min(2, os.cpu_count() or 1)  # NumPy releases the GIL in the shift and the matmul, so blocks overlap
+
+_buffers = threading.local()
+_pool = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
+
+
+def convert(src, out):
+    # src: [...] in the file's dtype, out: [...] float32 or float64 -> out
+    # bf16 is the upper half of a float32, so bf16 -> float32 is a 16-bit shift into the preallocated buffer:
+    # exact, and faster than ml_dtypes' astype (README "Speed" measures both).
+    if src.dtype == BF16 and out.dtype == np.float32:
+        np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, src, casting="unsafe")
+    return out
+
+
+def available_memory():
+    """Bytes the kernel could give this process now (MemAvailable), or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _buffer(rows, cols, dtype):
+    # -> a reusable [rows, cols] buffer of this thread (grown, never shrunk)
+    key = np.dtype(dtype).str
+    buf = getattr(_buffers, key, None)
+    if buf is None or buf.size < rows * cols:
+        buf = np.empty(rows * cols, dtype)
+        setattr(_buffers, key, buf)
+    return buf[:rows * cols].reshape(rows, cols)
+
+
+class MappedWeight:
+    """A tensor kept in the checkpoint file's dtype (read-only, memory-mapped), converted to `dtype` when used."""
+
+    def __init__(self, data, dtype):
+        self.data = data  # [...] memory-mapped, the file's dtype
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    def __getitem__(self, key):
+        # An expert of a stack stays in the file; anything else (rows by token id) is converted now.
+        if self.data.ndim == 3 and isinstance(key, (int, np.integer)):
+            return MappedWeight(self.data[key], self.dtype)
+        picked = self.data[key]
+        return convert(picked, np.empty(picked.shape, self.dtype))
+
+    def __array__(self, dtype=None, copy=None):
+        """The whole tensor converted: for state_dict users (save_pretrained, the GPU twin's upload, tests)."""
+        whole = convert(self.data, np.empty(self.data.shape, self.dtype))
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def rows_of(weight, start, end, out_rows=None):
+    # weight: [out, in] ndarray or MappedWeight -> rows start..end-1 in the compute dtype (a view, or converted
+    # into this thread's reusable buffer)
+    if isinstance(weight, np.ndarray):
+        return weight[start:end]
+    return convert(weight.data[start:end], _buffer(end - start, weight.shape[1], weight.dtype))
+
+
+def linear(x, weight):
+    # x: [..., in], weight: [out, in] ndarray or MappedWeight -> [..., out] = x @ weight^T
+    # The same products whether the weight is converted or mapped, so the two give the same bits: a prefill
+    # multiplies by the whole matrix; a decode step (at most DECODE_ROWS rows of x) block by block, each block of
+    # weight rows converted (if mapped) just before its product, so it is still in cache, on THREADS threads.
+    rows, cols = weight.shape
+    if x.size // cols > DECODE_ROWS:
+        return x @ rows_of(weight, 0, rows).T
+    block = max(BLOCK_ROWS, DECODE_BLOCK_BYTES // (cols * weight.dtype.itemsize) // BLOCK_ROWS * BLOCK_ROWS)
+    if block >= rows:
+        return x @ rows_of(weight, 0, rows).T
+    out = np.empty(x.shape[:-1] + (rows,), np.result_type(x.dtype, weight.dtype))  # [..., out]
+
+    def product(start):
+        end = min(start + block, rows)
+        np.matmul(x, rows_of(weight, start, end).T, out=out[..., start:end])
+
+    starts = range(0, rows, block)
+    if _pool is None:
+        for start in starts:
+            product(start)
+    else:
+        for done in [_pool.submit(product, start) for start in starts]:
+            done.result()
+    return out

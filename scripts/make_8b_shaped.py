@@ -1,0 +1,146 @@
+"""Write a checkpoint with jetmoe/jetmoe-8b's exact layout and random weights (we have no hub access).
+
+    python scripts/make_8b_shaped.py                          # build/jetmoe-8b-shaped: all 24 layers, 17 GB
+    python scripts/make_8b_shaped.py --layers 1 --out DIR     # a cut: the first layer's tensors, about 1 GB
+
+Same shapes, HF key names, dtype (bf16), tie and sharding (four shards and model.safetensors.index.json) as the hub
+checkpoint: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000. Its config.json carries the keys of the hub
+file, including ones only the original JetMoE code reads, which HF keeps as plain attributes. Every tensor is drawn
+from a seed derived from its name, so a cut holds exactly the full checkpoint's tensors for its layers.
+
+Scales: matrices N(0, 0.02), norm weights U(0.8, 1.2), biases N(0, 0.01); routers N(0, 0.1), so that top-k
+margins are real (router logits of a few units, not ties). The bf16 values are float32 draws rounded to nearest
+even. Needs only NumPy: CI builds a 1-layer cut for its memory test. A directory already holding the same cut
+(same layers, complete files) is kept, so the full checkpoint is written once (about 3 minutes here).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from reference.checkpoint import base_parameter_shapes  # noqa: E402
+from reference.config import JetMoeConfig  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "build", "jetmoe-8b-shaped")
+SHARDS = 4
+# config.json as the hub has it: HF's JetMoeConfig fields plus keys of the original JetMoE code.
+HUB_CONFIG = {
+    "activation_function": "silu", "architectures": ["JetMoEForCausalLM"], "aux_loss_coef": 0.01, "bias": True,
+    "bos_token_id": 1, "eos_token_id": 2, "glu": True, "hidden_size": 2048, "initializer_range": 0.01,
+    "intermediate_size": 5632, "kv_channels": 128, "max_position_embeddings": 4096, "model_type": "jetmoe",
+    "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "num_local_experts": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0", "use_cache": True, "vocab_size": 32000,
+    "z_loss_coef": 0.001,
+}
+
+
+def tensor_seed(name):
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def draw(name, shape):
+    # -> bf16 bits [shape] uint16, from a generator seeded by the name
+    rng = np.random.default_rng(tensor_seed(name))
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        values = rng.uniform(0.8, 1.2, size=shape).astype(np.float32)
+    else:
+        std = 0.1 if "router" in name else 0.01 if name.endswith("bias") else 0.02
+        values = rng.standard_normal(size=shape, dtype=np.float32) * np.float32(std)
+    bits = values.view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))  # round to nearest even (no NaNs here)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def layout(num_layers):
+    # -> [(HF name, shape)] of the causal LM with the first num_layers layers (tied: no lm_head.weight)
+    config = JetMoeConfig.from_dict({**HUB_CONFIG, "num_hidden_layers": num_layers})
+    return [("model." + name, shape) for name, shape in base_parameter_shapes(config).items()]
+
+
+def shard_names(tensors):
+    # split [(name, shape)] in order into SHARDS groups of about equal bytes -> [[(name, shape)]]
+    sizes = [2 * int(np.prod(shape)) for _, shape in tensors]
+    target, groups, current, filled = sum(sizes) / SHARDS, [], [], 0
+    for (name, shape), size in zip(tensors, sizes):
+        current.append((name, shape))
+        filled += size
+        if filled >= target * (len(groups) + 1) and len(groups) < SHARDS - 1:
+            groups.append(current)
+            current = []
+    groups.append(current)
+    return [g for g in groups if g]
+
+
+def write_shard(path, tensors):
+    """Stream one safetensors file: the header first (offsets are known from the shapes), then each tensor."""
+    header, offset = {}, 0
+    for name, shape in tensors:
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path + ".partial", "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape in tensors:
+            f.write(draw(name, shape).tobytes())
+    os.replace(path + ".partial", path)
+
+
+def complete(out, num_layers):
+    """True when out already holds this cut: the same config and every shard of its index at full size."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            if json.load(f).get("num_hidden_layers") != num_layers:
+                return False
+        with open(os.path.join(out, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+        return all(os.path.getsize(os.path.join(out, shard)) == size for shard, size in index["shard_sizes"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def make(out, num_layers):
+    if complete(out, num_layers):
+        return out
+    os.makedirs(out, exist_ok=True)
+    groups = shard_names(layout(num_layers))
+    weight_map, shard_sizes = {}, {}
+    for i, group in enumerate(groups):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        print(f"writing {shard}: {len(group)} tensors", flush=True)
+        write_shard(os.path.join(out, shard), group)
+        weight_map.update({name: shard for name, _ in group})
+        shard_sizes[shard] = os.path.getsize(os.path.join(out, shard))
+    total = sum(2 * int(np.prod(shape)) for _, shape in layout(num_layers))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**HUB_CONFIG, "num_hidden_layers": num_layers}, f, indent=2, sort_keys=True)
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        # shard_sizes is ours (HF ignores extra keys): it lets a rerun see that the files are complete
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map, "shard_sizes": shard_sizes}, f,
+                  indent=2)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory to write (default {DEFAULT_OUT})")
+    parser.add_argument("--layers", type=int, default=HUB_CONFIG["num_hidden_layers"],
+                        help="how many of the 24 layers to keep (default: all)")
+    args = parser.parse_args()
+    if not 1 <= args.layers <= HUB_CONFIG["num_hidden_layers"]:
+        parser.error(f"--layers must be in [1, {HUB_CONFIG['num_hidden_layers']}], got {args.layers}")
+    print(f"{make(args.out, args.layers)}: jetmoe-8b-shaped, {args.layers} layer(s)")
+
+
+if __name__ == "__main__":
+    main()
