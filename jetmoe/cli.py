@@ -15,8 +15,10 @@ import json
 import math
 import os
 import sys
+import threading
 
 import numpy as np
+from tqdm import tqdm
 
 from reference import CheckpointError, JetMoeForCausalLM
 from reference.tokenizer import Tokenizer, TokenizerError
@@ -36,11 +38,16 @@ def add_model_arguments(parser):
 
 
 def load(model_dir, dtype):
-    """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file."""
+    """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file. Converting
+    the weights at load shows a progress bar when it takes more than a second."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    with tqdm(desc="converting weights", unit="B", unit_scale=True, delay=1, leave=False) as bar:
+        def progress(done, total, unit):
+            bar.total = total
+            bar.update(done - bar.n)
+        model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                              f"vocab_size is {model.config.vocab_size}")
@@ -61,6 +68,43 @@ def training_context(model_dir):
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {tokens!r}")
     return tokens
+
+
+class PeakMemory:
+    """Samples this process's memory every 10 ms while it runs (`with PeakMemory() as peak:`): .anon is the peak
+    RssAnon, its own memory; .resident the peak VmHWM, which also counts mapped checkpoint pages (page cache)."""
+
+    def __enter__(self):
+        self.anon = status_bytes("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.anon = max(self.anon, status_bytes("RssAnon"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.anon = max(self.anon, status_bytes("RssAnon"))
+        self.resident = status_bytes("VmHWM")
+
+    def __str__(self):
+        return f"peak memory {self.anon / 2**30:.2f} GiB anonymous, {self.resident / 2**30:.2f} GiB resident"
+
+
+def status_bytes(field):
+    """A /proc/self/status field in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def check_prompts(prompts):

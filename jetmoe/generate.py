@@ -73,8 +73,9 @@ def main(args):
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed) if args.temperature > 0 else dict(do_sample=False)
     started = time.perf_counter()
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                            streamer=print_new_text if streaming else None, **sampling)
+    with cli.PeakMemory() as peak:
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                                streamer=print_new_text if streaming else None, **sampling)
     seconds = time.perf_counter() - started
     new = tokens[:, ids.shape[1]:]  # [B, new]
     lengths = np.array([generated_length(row, config) for row in new])  # [B]: the pads after an eos excluded
@@ -89,7 +90,7 @@ def main(args):
         return 0
     generated = int(lengths.sum())
     print(f"\n{generated} new tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
-          f"(batch {len(args.prompt)}, {args.dtype}, prompt {ids.shape[1]} tokens)", file=sys.stderr)
+          f"(batch {len(args.prompt)}, {args.dtype}, prompt {ids.shape[1]} tokens); {peak}", file=sys.stderr)
     out = model.model(input_ids=tokens, attention_mask=full_mask, position_ids=positions_from_mask(full_mask),
                       output_router_logits=True, use_cache=False)
     load = expert_load(out.router_logits, config.num_experts_per_tok, keep=full_mask.reshape(-1) == 1)

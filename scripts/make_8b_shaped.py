@@ -4,7 +4,7 @@
     python scripts/make_8b_shaped.py --layers 1 --out DIR     # a cut: the first layer's tensors, about 1 GB
 
 Same shapes, HF key names, dtype (bf16), tie and sharding (four shards and model.safetensors.index.json) as the hub
-checkpoint: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000. Its config.json carries the keys of the hub
+checkpoint, and a Llama-style tokenizer.json of its vocabulary size: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000. Its config.json carries the keys of the hub
 file, including ones only the original JetMoE code reads, which HF keeps as plain attributes. Every tensor is drawn
 from a seed derived from its name, so a cut holds exactly the full checkpoint's tensors for its layers.
 
@@ -22,6 +22,7 @@ import struct
 import sys
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -96,6 +97,33 @@ def write_shard(path, tensors):
     os.replace(path + ".partial", path)
 
 
+def write_tokenizer(out, vocab_size):
+    """A Llama-style tokenizer.json laid out like jetmoe-8b's (<unk> <s> </s> = 0 1 2, the byte tokens
+    <0x00>..<0xFF>, then BPE pieces with byte fallback), learned from this repository's README and filled up to
+    vocab_size with pieces no merge produces: the vocabulary the hub file has, not its merges (we have no hub)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read().split("\n\n")
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    learner.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                          special_tokens=["<unk>", "<s>", "</s>"]))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        if piece not in vocab and len(vocab) < vocab_size:
+            vocab[piece] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"\u2581filler{len(vocab)}"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab, [tuple(m) for m in learned["merges"] if "".join(m) in vocab],
+                                     unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+
+
 def complete(out, num_layers):
     """True when out already holds this cut: the same config and every shard of its index at full size."""
     try:
@@ -104,7 +132,8 @@ def complete(out, num_layers):
                 return False
         with open(os.path.join(out, "model.safetensors.index.json")) as f:
             index = json.load(f)
-        return all(os.path.getsize(os.path.join(out, shard)) == size for shard, size in index["shard_sizes"].items())
+        return os.path.isfile(os.path.join(out, "tokenizer.json")) and all(
+            os.path.getsize(os.path.join(out, shard)) == size for shard, size in index["shard_sizes"].items())
     except (OSError, ValueError, KeyError):
         return False
 
@@ -121,6 +150,7 @@ def make(out, num_layers):
         write_shard(os.path.join(out, shard), group)
         weight_map.update({name: shard for name, _ in group})
         shard_sizes[shard] = os.path.getsize(os.path.join(out, shard))
+    write_tokenizer(out, HUB_CONFIG["vocab_size"])
     total = sum(2 * int(np.prod(shape)) for _, shape in layout(num_layers))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({**HUB_CONFIG, "num_hidden_layers": num_layers}, f, indent=2, sort_keys=True)

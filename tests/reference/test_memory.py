@@ -1,0 +1,71 @@
+"""Memory, measured: a 1-layer cut of the jetmoe-8b layout (scripts/make_8b_shaped.py, 0.8 GB of bf16) run with
+its matrices left in the file keeps its own memory (peak RssAnon, sampled; mapped file pages are page cache, not
+ours) below what one token's active weights take in float32, and gives the same bits as the model converted at load.
+Each run is a fresh subprocess, so one run's memory cannot hide in the other's.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from paths import ROOT
+from reference import JetMoeConfig
+
+CUT = os.path.join(ROOT, "build", "test-cache", "jetmoe-8b-shaped-1-layer")
+CHILD = r"""
+import json, sys
+import numpy as np
+from jetmoe.cli import PeakMemory, status_bytes
+from reference import JetMoeForCausalLM
+path, max_memory, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+before = status_bytes("RssAnon")
+with PeakMemory() as peak:
+    model = JetMoeForCausalLM.from_pretrained(path, max_memory=max_memory)
+    ids = np.random.default_rng(int(sys.argv[4])).integers(0, model.config.vocab_size, size=(1, 20))
+    logits = model(input_ids=ids).logits  # a 20-token prefill: whole-matrix products
+    tokens = model.generate(ids[:, :6], max_new_tokens=4)  # decode steps: block by block
+np.savez(out, logits=logits, tokens=tokens)
+print(json.dumps({"own_bytes": peak.anon - before, "mapped": type(model.lm_head).__name__ == "MappedWeight"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cut():
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_8b_shaped.py"), "--layers", "1", "--out",
+                    CUT], check=True, capture_output=True, timeout=600)
+    return CUT
+
+
+def run_child(path, max_memory, out, seed):
+    done = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(max_memory), str(out), str(seed)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1]), np.load(out)
+
+
+def active_float32_bytes(config):
+    """float32 bytes of the weights one token uses: kv_proj, K query/output experts, K MLP experts and the routers
+    of each layer, and the whole lm_head (every token's logits read all of it)."""
+    D, E, K, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                            config.num_key_value_heads, config.kv_channels, config.intermediate_size,
+                            config.vocab_size)
+    per_layer = 2 * H * Dh * D + K * 2 * H * Dh * D + K * 3 * F * D + 2 * E * D
+    return 4 * (config.num_hidden_layers * per_layer + V * D)
+
+
+def test_mapped_weights_stay_within_the_active_bytes(cut, tmp_path, seed):
+    config = JetMoeConfig.from_pretrained(cut)
+    bound = active_float32_bytes(config)  # 0.64 GB for this cut; converting all of it takes 1.67 GB
+    mapped, mapped_out = run_child(cut, 64 << 20, tmp_path / "mapped.npz", seed)
+    converted, converted_out = run_child(cut, None, tmp_path / "converted.npz", seed)
+    assert mapped["mapped"] and not converted["mapped"]
+    print(f"peak own memory: mapped {mapped['own_bytes'] / 2**20:.0f} MiB, converted "
+          f"{converted['own_bytes'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
+    assert mapped["own_bytes"] < bound
+    assert converted["own_bytes"] > bound  # control: the measurement sees a model converted at load
+    np.testing.assert_array_equal(mapped_out["logits"], converted_out["logits"])  # bit for bit
+    np.testing.assert_array_equal(mapped_out["tokens"], converted_out["tokens"])

@@ -1,0 +1,121 @@
+"""reference/weights.py: a bf16 checkpoint whose matrices stay in the file gives the same bits as one converted at
+load, converts only what the forward touches, and says clearly when a model cannot fit."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import reference.weights as weights
+from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, capture
+from reference.checkpoint import random_parameters, write_checkpoint
+from reference.weights import MappedWeight, convert
+
+# Big enough that every matrix spans several decode blocks once DECODE_BLOCK_BYTES is patched down.
+CONFIG = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+              intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+SMALL_BUDGET = 1 << 16  # bytes: the norms, biases and routers (about 5 KB here) fit, the matrices (300 KB) do not
+
+
+def bf16_checkpoint(path, rng, **overrides):
+    config = JetMoeConfig(**{**CONFIG, **overrides})
+    tensors = random_parameters(config, "causal_lm", rng, std=0.3, dtype=np.float32)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    names = {n: ("model." + n if n != "lm_head.weight" else n) for n in tensors}
+    write_checkpoint(str(path), config, {names[n]: t.astype(ml_dtypes.bfloat16) for n, t in tensors.items()})
+    return str(path)
+
+
+@pytest.fixture(params=[True, False], ids=["tied", "untied"])
+def checkpoint(request, tmp_path, rng):
+    return bf16_checkpoint(tmp_path / "bf16", rng, tie_word_embeddings=request.param)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(weights, "DECODE_BLOCK_BYTES", 1)  # every decode product runs in 64-row blocks
+
+
+def test_bf16_shift_equals_ml_dtypes(rng):
+    bits = rng.integers(0, 2**16, size=10_000, dtype=np.uint16)  # every kind of bf16: normals, subnormals, inf
+    not_nan = ((bits & 0x7F80) != 0x7F80) | ((bits & 0x7F) == 0)  # NaNs dropped: astype may quiet their payload
+    bits = bits[not_nan]
+    src = bits.view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(convert(src, np.empty(src.shape, np.float32)), src.astype(np.float32))
+
+
+def test_budget_decides_where_weights_live(checkpoint):
+    converted = JetMoeForCausalLM.from_pretrained(checkpoint)  # a few hundred KB: far below half the memory
+    mapped = JetMoeForCausalLM.from_pretrained(checkpoint, max_memory=SMALL_BUDGET)
+    assert all(isinstance(t, np.ndarray) for t in converted.state_dict().values())
+    for name, tensor in mapped.state_dict().items():
+        small = tensor.ndim == 1 or name.endswith("router.layer.weight")
+        assert isinstance(tensor, np.ndarray) == small, name
+    layer = mapped.model.layers[0]
+    assert isinstance(layer.mlp.input_linear, MappedWeight) and layer.mlp.input_linear.data.dtype == ml_dtypes.bfloat16
+    assert mapped.dtype == np.float32 and mapped.model.embed_tokens.dtype == np.float32
+
+
+def test_mapped_equals_converted_bit_for_bit(checkpoint, small_blocks, rng):
+    converted = JetMoeForCausalLM.from_pretrained(checkpoint)
+    mapped = JetMoeForCausalLM.from_pretrained(checkpoint, max_memory=SMALL_BUDGET)
+    for batch, tokens in [(1, 3), (2, 5), (3, 12)]:  # decode-sized (<= 16 rows: blocks) and prefill (whole)
+        ids = rng.integers(0, CONFIG["vocab_size"], size=(batch, tokens))
+        with capture() as want:
+            converted(input_ids=ids)
+        with capture() as got:
+            mapped(input_ids=ids)
+        assert list(got) == list(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)  # bit for bit, every tensor
+    prompt = rng.integers(0, CONFIG["vocab_size"], size=(2, 4))
+    np.testing.assert_array_equal(mapped.generate(prompt, max_new_tokens=6),
+                                  converted.generate(prompt, max_new_tokens=6))
+    assert all(np.array_equal(np.asarray(t), converted.state_dict()[n]) for n, t in mapped.state_dict().items())
+
+
+def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
+    model = JetMoeForCausalLM.from_pretrained(bf16_checkpoint(tmp_path / "bf16", rng), max_memory=SMALL_BUDGET)
+    stacks = {}  # base address of each expert's slice -> (layer, part, expert)
+    for i, layer in enumerate(model.model.layers):
+        for part, stack in [("attention.query", layer.attention.input_linear),
+                            ("attention.output", layer.attention.output_linear),
+                            ("mlp.input", layer.mlp.input_linear), ("mlp.output", layer.mlp.output_linear)]:
+            for e in range(stack.shape[0]):
+                stacks[stack.data[e].ctypes.data] = (i, part, e)
+    converted = []
+    real_convert = weights.convert
+
+    def recording_convert(src, out):
+        converted.append(src.ctypes.data)
+        return real_convert(src, out)
+
+    monkeypatch.setattr(weights, "convert", recording_convert)
+    cache = model.new_cache(1, capacity=8)
+    model(input_ids=rng.integers(0, CONFIG["vocab_size"], size=(1, 3)), past_key_values=cache)
+    converted.clear()
+    with capture() as trace:
+        model(input_ids=rng.integers(0, CONFIG["vocab_size"], size=(1, 1)), past_key_values=cache)
+    # The first block of each expert used starts at its slice's first row; the others start inside it.
+    touched = {stacks[address] for address in converted if address in stacks}
+    routed = set()
+    for i in range(CONFIG["num_hidden_layers"]):
+        for e in trace[f"layers.{i}.attention.router.top_k_indices"][0]:
+            routed |= {(i, "attention.query", int(e)), (i, "attention.output", int(e))}
+        for e in trace[f"layers.{i}.mlp.router.top_k_indices"][0]:
+            routed |= {(i, "mlp.input", int(e)), (i, "mlp.output", int(e))}
+    assert len(routed) == 2 * 4 * 2 and touched == routed  # 2 layers x 4 parts x K=2 experts
+
+
+def test_embedding_lookup_converts_only_its_rows(rng):
+    table = rng.standard_normal((50, 8)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    mapped = MappedWeight(table, np.float32)
+    ids = rng.integers(0, 50, size=(2, 3))
+    np.testing.assert_array_equal(mapped[ids], table.astype(np.float32)[ids])
+    assert mapped[ids].shape == (2, 3, 8) and mapped[ids].dtype == np.float32
+
+
+def test_too_big_even_mapped_is_a_clear_error(checkpoint):
+    with pytest.raises(CheckpointError, match=r"does not fit: even with its matrices left in the file it needs "
+                                              r"0\.00 GiB of converted tensors, and 0\.00 GiB are available"):
+        JetMoeForCausalLM.from_pretrained(checkpoint, max_memory=100)
