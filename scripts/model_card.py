@@ -3,10 +3,13 @@
     python scripts/model_card.py      # after scripts/train_tiny.py; `make train-tiny` runs both
 
 Every figure in the card is computed here, from the committed weights, with the reference (not HF):
-- validation loss and perplexity (reference.losses.mean_loss, windows of the training length) against a
-  unigram baseline: token frequencies of the training split (add-one smoothed) scored on the same tokens;
-- samples after `ROMEO:` with the CLI's default sampling, and the share of their words that occur in the
-  training split (a model that learned English-like Shakespeare invents few words);
+- validation loss and perplexity (reference.losses.mean_loss, windows of the training length, batches of 8: the
+  code and arguments of `jetmoe evaluate ... --context 256`, so the card's numbers are what the command it shows
+  prints, to the same precision) against a unigram baseline: token frequencies of the training split (add-one
+  smoothed) scored on the same tokens;
+- samples after `ROMEO:` with `jetmoe generate`'s default sampling, and the share of their words that occur in
+  the training split (a model that learned English-like Shakespeare invents few words); the seed-0 sample is shown
+  as generated (prompt, then the decoded new tokens, nothing stripped), which is what `make run` prints;
 - the expert load on the validation text per layer (reference.routing.expert_load); an expert at 0 is dead;
 - the loss curve from weights/<name>/train_log.json.
 """
@@ -35,7 +38,8 @@ CORPUS_DIR = os.path.join(ROOT, "build", "corpus")
 PROMPT = "ROMEO:"
 SAMPLES = 8  # seeds 0..7
 SAMPLE_TOKENS = 200
-SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)  # python -m reference.generate's defaults
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)  # jetmoe generate's defaults
+EVAL_BATCH = 8  # windows per forward pass: jetmoe evaluate's default --batch
 LOAD_WINDOWS = 32  # validation windows the expert load is measured on
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
@@ -98,7 +102,7 @@ def measure():
     validation_text = open(os.path.join(CORPUS_DIR, "validation.txt"), encoding="utf-8").read()
     validation_ids = np.asarray(tokenizer.encode(validation_text), dtype=np.int64)
     print(f"validation: {len(validation_ids):,} tokens; scoring with the reference ...", flush=True)
-    loss, count = mean_loss(model, validation_ids, context)
+    loss, count = mean_loss(model, validation_ids, context, EVAL_BATCH)
     predicted = np.concatenate([chunk[1:] for chunk in windows(validation_ids, context)])
     baseline = unigram_loss(np.asarray(tokenizer.encode(train_text)), predicted, config.vocab_size)
 
@@ -124,7 +128,10 @@ def card(m):
     rows = "\n".join(f"| {layer} | {' '.join(f'{100 * x:.0f}' for x in load[2 * layer])} | "
                      f"{' '.join(f'{100 * x:.0f}' for x in load[2 * layer + 1])} |"
                      for layer in range(config.num_hidden_layers))
-    sample = m["samples"][0].strip()
+    sample = m["samples"][0]  # as generated: it starts with the newline after the prompt
+    model_arg = "weights/" + os.path.basename(MODEL_DIR)
+    evaluate = (f"jetmoe evaluate --model {model_arg} --text-file build/corpus/validation.txt "
+                f"--context {m['context']}")
     return f"""# jetmoe-tiny-shakespeare
 
 A {log['parameters'] / 1e6:.2f}M-parameter JetMoE trained from scratch on Shakespeare, so that `make run` shows a
@@ -176,16 +183,25 @@ pools all layers, which let single layers kill experts in a pilot run). It took
 
 | measure | value |
 |---|---|
-| validation loss | {m['loss']:.3f} nats/token over {m['count']:,} predicted tokens |
-| validation perplexity | **{ppl:.1f}** |
+| validation loss | {m['loss']:.4f} nats/token over {m['count']:,} predicted tokens |
+| validation perplexity | **{ppl:.2f}** |
 | unigram baseline perplexity (training-split token frequencies) | {unigram_ppl:.1f} |
 | perplexity / unigram perplexity | **{ppl / unigram_ppl:.3f}** (goal: at most 0.5) |
 | words of {SAMPLES} samples after `{PROMPT}` found in the training split | **{100 * m['share']:.1f}%** of {m['words']:,} (goal: at least 80%) |
 | dead experts (load 0 on {m['load_tokens']:,} validation tokens) | **{dead}** of {2 * config.num_hidden_layers * config.num_local_experts} |
 | smallest expert load | {100 * load.min():.1f}% (uniform: {100 / config.num_local_experts:.1f}%) |
 
-Samples use `python -m reference.generate`'s defaults: temperature {SAMPLING['temperature']}, top-k
-{SAMPLING['top_k']}, top-p {SAMPLING['top_p']}, seeds 0 to {SAMPLES - 1}, {SAMPLE_TOKENS} new tokens each.
+The validation loss and perplexity are what the evaluate command under Use prints:
+
+    {evaluate}
+
+It scores consecutive {m['context']}-token windows, the length the model was trained on, each on its own. Longer
+windows score worse (positions past {m['context']} were never trained), so give --context when comparing.
+
+Samples use `jetmoe generate`'s defaults: temperature {SAMPLING['temperature']}, top-k
+{SAMPLING['top_k']}, top-p {SAMPLING['top_p']}, seeds 0 to {SAMPLES - 1}, {SAMPLE_TOKENS} new tokens each, one
+prompt at a time. The same seed gives the same text only for the same prompts: a batch (several `--prompt` flags)
+draws from one Generator, row after row, so a prompt in a batch gets other draws than the same prompt alone.
 
 ### Expert load
 
@@ -199,6 +215,9 @@ Share of each layer's top-k choices that each expert receives on {m['load_tokens
 
 ### A sample (seed 0)
 
+What `make run` prints (`jetmoe generate --model {model_arg} --prompt "{PROMPT}" --seed 0`),
+before its speed and expert load:
+
 ```
 {PROMPT}{sample}
 ```
@@ -207,9 +226,14 @@ Share of each layer's top-k choices that each expert receives on {m['load_tokens
 
 ```
 make run                                   # streams a sample from this model with the NumPy reference
-python -m reference.generate --model weights/jetmoe-tiny-shakespeare --prompt "JULIET:" --seed 3
-python -m reference.evaluate --model weights/jetmoe-tiny-shakespeare --text-file build/corpus/validation.txt
+make corpus                                # build/corpus/{{train,validation}}.txt, without training or torch
+jetmoe generate --model {model_arg} --prompt "JULIET:" --seed 3
+{evaluate}
 ```
+
+`jetmoe` is `.venv/bin/jetmoe` (or `python -m jetmoe`). `make corpus` gives build/corpus/validation.txt, the
+held-out plays, in under a minute (scripts/train_tiny.py --corpus-only: the same text the training run writes);
+the evaluate command then prints the validation loss {m['loss']:.4f} and perplexity {ppl:.2f} above.
 
 Limits: a few million parameters trained for {log['train_seconds'] / 60:.0f} minutes make Shakespeare-shaped text,
 not sense. It is for learning and testing JetMoE implementations, nothing else.

