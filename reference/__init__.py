@@ -10,9 +10,9 @@ Shape legend, the one every file of reference/, gpu/ and jetmoe/ points to:
   L   layers                     N   = B*T, tokens flattened
   slot s = n*K + k               token n's k-th choice, the unit the experts are dispatched in
 
-The modules, in forward order, each with the notebook that walks through it: norm and rope (01), routing (02),
-experts (03), attention and cache (04), model, inputs, outputs, losses and generation (05); config,
-checkpoint, tokenizer, precision and trace are its IO and tooling.
+The modules, in forward order, each with the notebook that walks through it: counting, the whole model at a
+glance (00); norm and rope (01), routing (02), experts (03), attention and cache (04), model, inputs, outputs,
+losses and generation (05); config, checkpoint, weights, tokenizer, precision and trace are its IO and tooling.
 """
 
 from .cache import KVCache
