@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from jetmoe.cli import PeakMemory  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
+from reference.counting import active_parameters  # noqa: E402
 
 THREADS = 2
 CHECKPOINT = os.path.join(ROOT, "build", "jetmoe-8b-shaped")
@@ -31,13 +32,8 @@ PROMPT_TOKENS, LONG_PROMPT_TOKENS, DECODE_TOKENS = 32, 512, 32
 
 
 def active_bf16_bytes(config):
-    """bf16 bytes one decoded token reads: per layer kv_proj, K query and output experts, K MLP experts and both
-    routers; the whole tied lm_head; one embedding row."""
-    D, E, K, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                            config.num_key_value_heads, config.kv_channels, config.intermediate_size,
-                            config.vocab_size)
-    per_layer = 2 * H * Dh * D + K * 2 * H * Dh * D + K * 3 * F * D + 2 * E * D
-    return 2 * (config.num_hidden_layers * per_layer + V * D + D)
+    """bf16 bytes one decoded token reads: its active weights (reference/counting.py)."""
+    return 2 * sum(active_parameters(config).values())
 
 
 def machine_limit():
