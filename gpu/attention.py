@@ -12,7 +12,7 @@ all S keys, as HF's float32 eager attention (finfo.min, not -inf).
 The kernel is picked on the host from shapes only (no device sync): "prefill" (one block per 32 queries of a
 head, online softmax over key tiles) or, for a few queries against many keys, "decode" (split-K over the keys,
 partials merged by a second kernel in a fixed order; no atomics, so results are bitwise reproducible).
-`plan_attention` holds that choice and every launch size; tests/test_gpu_attention_host.py checks it on the CPU.
+`plan_attention` holds that choice and every launch size; tests/gpu/host/test_attention_host.py checks it on the CPU.
 
 CUDA graphs: with a StaticKVCache (gpu/cache.py) pass num_keys=cache.num_keys (a device int64 [1]: the kernels
 use that many keys, S being the capacity), and preallocated `out` and `workspace` (workspace_size(...) floats),
@@ -243,7 +243,8 @@ def attention(q, k, v, cache_position, attention_mask, top_k, output_probs=False
 # ------------------------------------------------------------------------------------------- NumPy models
 # Plain NumPy transcriptions of the kernels' algorithms (float32, the same tiles, key ranges, splits and merge
 # order, but NumPy's own summation order inside a tile), for CPU tests of the algorithm itself:
-# tests/test_gpu_attention_host.py checks them against reference/, tests/test_gpu_kernels_attention.py the kernels.
+# tests/gpu/host/test_attention_host.py checks them against reference/, tests/gpu/device/test_kernels_attention.py
+# the kernels.
 
 NEG_MAX = np.float32(-np.finfo(np.float32).max)  # a hidden key's score (HF's score + finfo.min in float32)
 

@@ -8,8 +8,8 @@ The plan is what the grouped expert GEMMs (gpu/kernels/expert_gemm.cu) need, bui
                          max_blocks(NK, E) row blocks and a block past block_offsets[E] exits at once.
 
 Kernels: gpu/kernels/routing.cu (topk_softmax_f32, plan_count, plan_offsets, plan_place). Each has a plain NumPy
-model here (`*_model`), step for step, which tests/test_gpu_host.py checks against reference.routing on the CPU
-and tests/test_gpu_kernels_routing.py checks the kernels against on a GPU.
+model here (`*_model`), step for step, which tests/gpu/host/test_routing_host.py checks against reference.routing
+on the CPU and tests/gpu/device/test_kernels_routing.py checks the kernels against on a GPU.
 """
 
 from dataclasses import dataclass

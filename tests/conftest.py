@@ -1,12 +1,51 @@
+"""Shared by the whole suite: sys.path, the seeded `rng`, and the `requires_gpu` marker.
+
+Layout (forward order inside tests/reference/, see tests/reference/helpers.py):
+  reference/   the NumPy reference, one file per subject     gpu/host/    GPU twin logic on the CPU (no CuPy)
+  gpu/device/  GPU kernels and model (marked requires_gpu)   oracle/      live HF transformers (marked oracle)
+  tools/       the `jetmoe` command                          test_layout.py  who may import what
+"""
+
+import functools
 import os
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)  # modules shared across folders: paths.py, parity.py, ports.py
+from paths import ROOT  # noqa: E402
+
+sys.path.insert(0, os.path.join(TESTS, "gpu"))  # gpu_helpers.py, shared by gpu/host and gpu/device
+sys.path.insert(0, ROOT)  # reference, gpu, jetmoe
+# A test file's own folder (tests/reference/helpers.py) goes on sys.path through pytest's default "prepend" import
+# mode, which is why every test file basename in tests/ must be unique.
+
+GPU_MARKER = "requires_gpu: needs CuPy and a CUDA GPU; skipped, all with one reason, where gpu.gpu_available() is False"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", GPU_MARKER)
+
+
+@functools.cache
+def gpu_skip_reason():
+    """None when CuPy and a CUDA device are usable, else the one reason every requires_gpu test skips with."""
+    from gpu.device import GpuUnavailable, require_cupy
+    try:
+        require_cupy()
+    except GpuUnavailable as e:
+        return f"requires_gpu: {e}; `make gpu-check` runs these tests on a CUDA machine"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before any fixture (poisoned_pool imports cupy). A skip raised here rather than an added skip mark: pytest -ra
+    # then sums them all up on one line, this one.
+    if item.get_closest_marker("requires_gpu") and gpu_skip_reason():
+        pytest.skip(gpu_skip_reason())
 
 
 @pytest.fixture
@@ -26,7 +65,7 @@ def rng(seed):
 def poisoned_pool():
     """GPU tests: leave 64 MiB of 0xFF bytes as free memory in CuPy's pool; later cp.empty calls are carved out of
     it, so an output element a kernel forgot to write is garbage, never a lucky zero."""
-    import cupy as cp  # only GPU tests use this fixture; they skip before it runs when CuPy is missing
+    import cupy as cp  # only requires_gpu tests use this fixture; they skip before it runs when CuPy is missing
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     junk = cp.empty(64 << 20, dtype=cp.uint8)

@@ -1,7 +1,7 @@
 """Loads gpu/kernels/<op>.cu with cupy.RawModule(code=...), once per op.
 
 Every .cu file is self-contained CUDA C++ apart from `common.cuh` in this folder (bf16 bit conversions, silu,
-warp reductions); kernels are `extern "C"` so NVRTC (here) and nvcc (tests/test_gpu_compile.py, sm_80 and
+warp reductions); kernels are `extern "C"` so NVRTC (here) and nvcc (tests/gpu/host/test_compile.py, sm_80 and
 sm_90, -Werror) compile the same source. No CUDA toolkit headers are included, so NVRTC needs no include path
 beyond this folder.
 """

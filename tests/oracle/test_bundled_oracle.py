@@ -4,7 +4,6 @@ filtered probabilities (HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPL
 Marked oracle: `make test-oracle` runs it (the oracle extra: CPU torch, transformers==4.56.2); without them it skips.
 """
 
-import os
 import sys
 
 import numpy as np
@@ -27,10 +26,10 @@ from reference.losses import mean_loss, windows  # noqa: E402
 from reference.generation import sampling_probabilities  # noqa: E402
 from reference.tokenizer import Tokenizer  # noqa: E402
 
+from paths import TINY_MODEL as MODEL  # noqa: E402
+
 pytestmark = pytest.mark.oracle
 
-MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
-                     "jetmoe-tiny-shakespeare")
 PROMPTS = ["ROMEO:", "O, what a noble mind is here o'erthrown!\nHAMLET:"]
 PASSAGE = """JULIET:
 O Romeo, Romeo! wherefore art thou Romeo?
@@ -111,12 +110,13 @@ def test_debugger_reference_agrees_with_hf(capsys, dtype):
 
 
 def test_debugger_finds_port_bug_against_hf(tmp_path):
-    """The repeat_interleave port of tests/test_debug.py, compared with HF's hooked trace instead of the reference."""
+    """The repeat_interleave port of tests/tools/test_debug.py (tests/ports.py), compared with HF's hooked trace
+    instead of the reference."""
     from jetmoe import hf_trace
     from jetmoe.debug import comparison_rows
     from reference.trace import Trace
-    from test_debug import attention_probs_repeat_interleave, port_trace
-    from test_debug import PROMPTS as PORT_PROMPTS
+    from ports import PROMPTS as PORT_PROMPTS
+    from ports import attention_probs_repeat_interleave, port_trace
     port = Trace.load(port_trace(tmp_path / "port.safetensors", MODEL,
                                  attention_probs=attention_probs_repeat_interleave))
     ids, mask = Tokenizer.from_pretrained(MODEL).encode_batch(PORT_PROMPTS)

@@ -3,8 +3,8 @@
 Run with `make test-oracle` (pytest -m oracle); needs the oracle extra (CPU torch, transformers==4.56.2) and
 skips without it. Each example builds a random HF JetMoe checkpoint with HF's save_pretrained, runs every scenario
 of scripts/hf_oracle.py on HF (float64 with the precision patch, float32 unpatched) and the same scenarios on the
-reference (tests/parity.py), and compares all outputs. The goldens (tests/test_golden.py) are fixed examples of
-the same check; this file draws fresh ones on every run.
+reference (tests/parity.py), and compares all outputs. The goldens (tests/reference/test_golden.py) are fixed
+examples of the same check; this file draws fresh ones on every run.
 """
 
 import contextlib

@@ -1,5 +1,7 @@
-"""Checkpoints: save/load round trips, the HF layouts (prefixes, tied lm_head, shards, F16/BF16/F32 files),
-memory mapping, errors that name the tensor or file at fault, and (oracle) loading in transformers.
+"""Rung 10 of the ladder (tests/reference/helpers.py lists them): checkpoints.
+
+Save/load round trips, the HF layouts (prefixes, tied lm_head, shards, F16/BF16/F32 files), memory mapping, errors
+that name the tensor or file at fault, and (oracle) loading in transformers.
 
 Every test draws fresh random weights and inputs (the seed is printed, so a failure can be replayed). Loading
 what was saved runs the same operations on the same numbers, so those comparisons are exact (tolerance 0).

@@ -1,4 +1,6 @@
-"""Bad inputs fail loudly: the right exception type, and a message naming the argument, its shape or value.
+"""Rung 11 of the ladder (tests/reference/helpers.py lists them): errors.
+
+Bad inputs fail loudly: the right exception type, and a message naming the argument, its shape or value.
 
 Every case draws fresh random weights and token ids (the seed is printed, so a failure can be replayed), and
 each rejection has a nearby accepted input as a control, so a check that rejects everything would fail too.

@@ -7,9 +7,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from parity import FLOAT32_RTOL, FLOAT64_RTOL, assert_matches, run_all
-
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, d)))
+from paths import GOLDEN, GOLDEN_NAMES as NAMES
 
 
 def test_goldens_exist():

@@ -1,7 +1,7 @@
 """Sampling: HF's logits warpers (temperature, top-k, top-p) against a per-row loop written from HF's definitions,
 the inverse-CDF draw against its probabilities, and generate()'s seeding, streaming and batching.
 
-The same filtered probabilities are compared with HF's own warpers in tests/test_bundled_oracle.py.
+The same filtered probabilities are compared with HF's own warpers in tests/oracle/test_bundled_oracle.py.
 """
 
 import numpy as np

@@ -14,8 +14,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from reference.config import JetMoeConfig
 from reference.tokenizer import Tokenizer, TokenizerError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED_DIR = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
+from paths import TINY_MODEL as BUNDLED_DIR
 
 # Training text is plain ASCII on purpose: every non-ASCII character below has no token of its own, so it is
 # spelled with several byte tokens and exercises UTF-8 reassembly in decode and in TextStream.

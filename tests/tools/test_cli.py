@@ -17,8 +17,8 @@ from reference import JetMoeForCausalLM
 from reference.losses import mean_loss
 from reference.tokenizer import Tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
+from paths import ROOT, TINY_MODEL as MODEL
+
 TEXT = """ROMEO:
 But, soft! what light through yonder window breaks?
 It is the east, and Juliet is the sun.

@@ -1,11 +1,11 @@
 """GPU parity: attention (gpu/kernels/attention.cu through gpu.attention) and the device KV cache (gpu.cache)
 against reference.attention.attention_probs/attend with reference.model.additive_mask, and reference/cache.py.
 
-Skipped as a whole without CuPy and a CUDA GPU. Every test draws fresh float64 inputs from `rng` (its seed is
-printed, so a failure can be replayed), rounded to float32 (or bf16) once, so the reference (float64 arithmetic)
-and the kernels see the same numbers and only the kernels' arithmetic is measured. Outputs are poisoned: `out=`
-buffers start as NaN and `poisoned_pool` leaves 0xFF bytes (NaN as float32) in CuPy's free pool, so scratch the
-wrapper allocates starts as garbage too. Non-finite outputs are rejected.
+Marked requires_gpu (skipped without CuPy and a CUDA GPU). Every test draws fresh float64 inputs from `rng` (its
+seed is printed, so a failure can be replayed), rounded to float32 (or bf16) once, so the reference (float64
+arithmetic) and the kernels see the same numbers and only the kernels' arithmetic is measured. Outputs are poisoned:
+`out=` buffers start as NaN and `poisoned_pool` leaves 0xFF bytes (NaN as float32) in CuPy's free pool, so scratch
+the wrapper allocates starts as garbage too. Non-finite outputs are rejected.
 
 Tolerances, with their reasons:
 - context, float32 K/V: max|got - want| <= 1e-5 * max|v|. The context is a convex combination of value rows, so
@@ -22,21 +22,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import gpu.device
+from gpu import attention as gpu_attention
+from gpu.cache import KVCache as GpuKVCache
+from gpu.cache import StaticKVCache
+from reference.cache import KVCache as RefKVCache
 
-if not gpu.device.gpu_available():
-    pytest.skip("needs CuPy and a CUDA GPU: gpu.device.gpu_available() is False", allow_module_level=True)
+from gpu_helpers import F64, cp, draw, nan_like, reference_attention
 
-import cupy as cp  # noqa: E402
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
 
-from gpu import attention as gpu_attention  # noqa: E402
-from gpu.cache import KVCache as GpuKVCache  # noqa: E402
-from gpu.cache import StaticKVCache  # noqa: E402
-from reference.attention import attend, attention_probs  # noqa: E402
-from reference.cache import KVCache as RefKVCache  # noqa: E402
-from reference.attention import additive_mask  # noqa: E402
-
-F64 = np.dtype(np.float64)
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
 KINDS = ("prefill", "decode")
@@ -44,34 +38,12 @@ KINDS = ("prefill", "decode")
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def draw(rng, batch, top_k, heads, tokens, keys, head_dim):
-    # float64 draws rounded to float32 -> q [B, K*H, T, Dh], k, v [B, H, S, Dh] (NumPy float32). q is scaled
-    # by 2 so the softmax is peaked enough for the masking and mapping checks to matter.
-    q = (2.0 * rng.standard_normal((batch, top_k * heads, tokens, head_dim))).astype(np.float32)
-    k = rng.standard_normal((batch, heads, keys, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, heads, keys, head_dim)).astype(np.float32)
-    return q, k, v
-
-
-def reference(q, k, v, cache_position, attention_mask, top_k):
-    # NumPy (any float dtype, computed in float64) -> probs [B, K*H, T, S], context [B, T, K, H*Dh]
-    batch, q_heads, tokens, head_dim = q.shape
-    heads, keys = k.shape[1], k.shape[2]
-    mask = additive_mask(attention_mask, np.asarray(cache_position), keys, F64)  # [B|1, 1, T, S]
-    probs = attention_probs(q.astype(F64).reshape(batch, top_k, heads, tokens, head_dim), k.astype(F64), mask)
-    return probs, attend(probs, v.astype(F64), top_k)
-
-
 def to_bf16_bits(x):
     return np.ascontiguousarray(x).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def from_bf16_bits(bits):
     return np.asarray(bits).view(ml_dtypes.bfloat16).astype(F64)
-
-
-def nan_like(shape):
-    return cp.full(shape, cp.nan, dtype=cp.float32)
 
 
 def host(x):
@@ -122,7 +94,7 @@ def test_causal_self_attention(rng, poisoned_pool, kind, head_dim):
     batch, top_k, heads, tokens = 2, 2, 3, 37  # 37 queries: two prefill query tiles, the second partial
     q, k, v = draw(rng, batch, top_k, heads, tokens, tokens, head_dim)
     positions = np.arange(tokens)
-    want_probs, want = reference(q, k, v, positions, None, top_k)
+    want_probs, want = reference_attention(q, k, v, positions, None, top_k)
     got, got_probs = run(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(positions), None, top_k, kind,
                          probs=True)
     check_context(got, want, v, F32_TOL, f"causal context ({kind}, Dh={head_dim})")
@@ -140,7 +112,7 @@ def test_left_padding_and_fully_hidden_rows(rng, poisoned_pool, kind):
     mask[3, :] = 0  # every query of row 3 is fully hidden
     mask[0, 7] = 0  # a hole
     positions = np.arange(tokens)
-    want_probs, want = reference(q, k, v, positions, mask, top_k)
+    want_probs, want = reference_attention(q, k, v, positions, mask, top_k)
     got, got_probs = run(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(positions), cp.asarray(mask),
                          top_k, kind, probs=True)
     check_context(got, want, v, F32_TOL, f"padded context ({kind})")
@@ -178,7 +150,7 @@ def test_cache_with_past_keys(rng, poisoned_pool, kind, head_dim):
     positions = np.arange(past, past + tokens)
     # q as a non-contiguous view: [B, T, KH, Dh] transposed
     q_dev = cp.asarray(np.ascontiguousarray(q.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
-    want_probs, want = reference(q, k, v, positions, mask, top_k)
+    want_probs, want = reference_attention(q, k, v, positions, mask, top_k)
     got, got_probs = run(q_dev, k_buf[:, :, :keys], v_buf[:, :, :keys], cp.asarray(positions), cp.asarray(mask),
                          top_k, kind, probs=True)
     check_context(got, want, v, F32_TOL, f"cached context ({kind}, Dh={head_dim})")
@@ -195,7 +167,7 @@ def test_decode_long_cache(rng, poisoned_pool, tokens, splits):
     positions = np.arange(keys - tokens, keys)
     plan = gpu_attention.plan_attention(batch, top_k * heads, heads, tokens, keys, 132, splits, "decode")
     assert splits != 5 or plan.num_splits == 5
-    want_probs, want = reference(q, k, v, positions, mask, top_k)
+    want_probs, want = reference_attention(q, k, v, positions, mask, top_k)
     got, got_probs = run(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(positions), cp.asarray(mask),
                          top_k, "decode", splits, probs=True)
     check_context(got, want, v, F32_TOL, f"decode context (T={tokens}, splits={splits})")
@@ -211,10 +183,10 @@ def test_heads_repeat_not_repeat_interleave(rng, kind):
     batch, top_k, heads, tokens, head_dim = 2, 2, 3, 9, 32
     q, k, v = draw(rng, batch, top_k, heads, tokens, tokens, head_dim)
     positions = np.arange(tokens)
-    _, want = reference(q, k, v, positions, None, top_k)
+    _, want = reference_attention(q, k, v, positions, None, top_k)
     # repeat_interleave: query head hq reads kv head hq // K
     k_int, v_int = np.repeat(k, top_k, axis=1), np.repeat(v, top_k, axis=1)  # [B, K*H, S, Dh]
-    _, interleaved = reference(q, k_int, v_int, positions, None, 1)  # one "expert" of K*H heads
+    _, interleaved = reference_attention(q, k_int, v_int, positions, None, 1)  # one "expert" of K*H heads
     interleaved = interleaved.reshape(batch, tokens, top_k, heads * head_dim)
     got, _ = run(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(positions), None, top_k, kind)
     check_context(got, want, v, F32_TOL, f"repeat mapping ({kind})")
@@ -244,8 +216,9 @@ def test_bf16_cache(rng, poisoned_pool, kind):
     mask = np.ones((batch, keys), np.int64)
     mask[0, :11] = 0
     positions = np.arange(past, past + tokens)
-    want_probs, want = reference(q, from_bf16_bits(k_bits), from_bf16_bits(v_bits), positions, mask, top_k)
-    _, unrounded = reference(q, k, v, positions, mask, top_k)
+    want_probs, want = reference_attention(q, from_bf16_bits(k_bits), from_bf16_bits(v_bits), positions, mask,
+                                           top_k)
+    _, unrounded = reference_attention(q, k, v, positions, mask, top_k)
     got, got_probs = run(cp.asarray(q), cp.asarray(k_bits), cp.asarray(v_bits), cp.asarray(positions),
                          cp.asarray(mask), top_k, kind, probs=True)
     check_context(got, want, v, F32_TOL, f"bf16 cache vs rounded reference ({kind})")
@@ -314,7 +287,7 @@ def test_cache_views_feed_attention(rng):
             if dtype == "bfloat16":
                 all_k, all_v = from_bf16_bits(to_bf16_bits(all_k)), from_bf16_bits(to_bf16_bits(all_v))
             positions = np.arange(start, start + tokens)
-            _, want = reference(q, all_k, all_v, positions, None, top_k)
+            _, want = reference_attention(q, all_k, all_v, positions, None, top_k)
             got, _ = run(cp.asarray(q), keys, values, cp.asarray(positions), None, top_k)
             check_context(got, want, all_v, F32_TOL, f"attention over cache views ({dtype}, T={tokens})")
 
@@ -341,7 +314,7 @@ def test_static_cache_cuda_graph_replay(rng, poisoned_pool, dtype):
         n = all_k.shape[2]
         host_mask = np.concatenate([prompt_mask, np.ones((batch, n - prompt), np.int64)], axis=1)
         positions = np.arange(n - q.shape[2], n)
-        return reference(q, all_k, all_v, positions, host_mask, top_k), all_v
+        return reference_attention(q, all_k, all_v, positions, host_mask, top_k), all_v
 
     q, k, v = draw(rng, batch, top_k, heads, prompt, prompt, head_dim)
     positions = cache.begin_step(prompt)

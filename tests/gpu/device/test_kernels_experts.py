@@ -32,25 +32,21 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from gpu.device import gpu_available
+from gpu import experts
+from gpu.routing import RoutingPlan
+from reference import trace
+from reference.attention import moa_map as ref_moa_map
+from reference.attention import moa_reduce as ref_moa_reduce
+from reference.experts import combine as ref_combine
+from reference.experts import grouped_linear, swiglu
+from reference.experts import moe as ref_moe
+from reference.experts import ungroup as ref_ungroup
+from reference.model import ExpertWeights
+from reference.routing import RoutingPlan as RefPlan
 
-if not gpu_available():
-    pytest.skip("needs CuPy and a CUDA GPU (pip install -e '.[gpu]', cupy-cuda12x or cupy-cuda13x)",
-                allow_module_level=True)
+from gpu_helpers import cp
 
-import cupy as cp  # noqa: E402
-
-from gpu import experts  # noqa: E402
-from gpu.routing import RoutingPlan  # noqa: E402
-from reference import trace  # noqa: E402
-from reference.attention import moa_map as ref_moa_map  # noqa: E402
-from reference.attention import moa_reduce as ref_moa_reduce  # noqa: E402
-from reference.experts import combine as ref_combine  # noqa: E402
-from reference.experts import grouped_linear, swiglu  # noqa: E402
-from reference.experts import moe as ref_moe  # noqa: E402
-from reference.experts import ungroup as ref_ungroup  # noqa: E402
-from reference.model import ExpertWeights  # noqa: E402
-from reference.routing import RoutingPlan as RefPlan  # noqa: E402
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
 
 F64 = np.float64
 F32_RTOL = 1e-5

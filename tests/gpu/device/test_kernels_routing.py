@@ -21,26 +21,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import gpu.device
+from gpu import norm as gpu_norm
+from gpu import rope as gpu_rope
+from gpu import routing as gpu_routing
+from reference import norm as ref_norm
+from reference import rope as ref_rope
+from reference import routing as ref_routing
+from reference import trace
 
-if not gpu.device.gpu_available():
-    pytest.skip("needs CuPy and a CUDA GPU: gpu.device.gpu_available() is False", allow_module_level=True)
+from gpu_helpers import cp, nan_like
 
-import cupy as cp  # noqa: E402
-
-from gpu import norm as gpu_norm  # noqa: E402
-from gpu import rope as gpu_rope  # noqa: E402
-from gpu import routing as gpu_routing  # noqa: E402
-from reference import norm as ref_norm  # noqa: E402
-from reference import rope as ref_rope  # noqa: E402
-from reference import routing as ref_routing  # noqa: E402
-from reference import trace  # noqa: E402
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
 
 F32 = np.dtype(np.float32)
-
-
-def nan_like(shape):
-    return cp.full(shape, cp.nan, dtype=cp.float32)
 
 
 def assert_finite(got, what):

@@ -1,4 +1,4 @@
-"""The whole GPU twin against reference/ (needs a CUDA GPU and CuPy; skips with the reason otherwise).
+"""The whole GPU twin against reference/ (marked requires_gpu: needs CuPy and a CUDA GPU).
 
 Tolerances, relative to max |reference| per tensor:
 - float32 weights: 1e-4 (float32 throughout, TF32 off, different summation orders than NumPy over L layers);
@@ -14,21 +14,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import gpu
 import reference
 from reference.generation import positions_from_mask
 
-if not gpu.gpu_available():
-    pytest.skip("the GPU twin needs CuPy and a CUDA GPU (none here); run `make gpu-check` on a CUDA machine",
-                allow_module_level=True)
+from gpu.model import FLOAT32_ALWAYS
+from gpu.model import JetMoeForCausalLM as GpuCausalLM
 
-import cupy as cp  # noqa: E402
+from gpu_helpers import cp
+from paths import GOLDEN, GOLDEN_NAMES as NAMES
 
-from gpu.model import FLOAT32_ALWAYS  # noqa: E402
-from gpu.model import JetMoeForCausalLM as GpuCausalLM  # noqa: E402
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, d)))
 FLOAT32_RTOL = 1e-4
 BF16_RTOL = 2e-2
 MARGIN = 1e-3  # routing decisions are compared only where the reference's top-k gap exceeds this

@@ -4,7 +4,7 @@
 - The constants the Python side assumes agree with gpu/kernels/attention.cu's #defines.
 - The NumPy models of the kernels' algorithms (gpu.attention.prefill_model / decode_model: the same tiles, key
   ranges, -FLT_MAX masking, online softmax and split merge as the kernels), against reference.attention with
-  reference.model.additive_mask. tests/test_gpu_kernels_attention.py checks the CUDA kernels on a GPU.
+  reference.model.additive_mask. tests/gpu/device/test_kernels_attention.py checks the CUDA kernels on a GPU.
 
 Tolerance for the models: max|got - want| <= 1e-5 * max|v| (float32 throughout; the context is a convex
 combination of value rows, so its error scales with max|v|). Randomness: `rng` (tests/conftest.py) prints its
@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 from gpu import attention as ga
 from gpu.cache import storage_dtype
 from gpu.kernels import KERNEL_DIR
-from reference.attention import attend, attention_probs
-from reference.attention import additive_mask
 
-F64 = np.dtype(np.float64)
+from gpu_helpers import draw, reference_attention
+
 TOL = 1e-5
 
 
@@ -135,21 +134,6 @@ def test_prefill_key_range():
 
 # ------------------------------------------------------------------------------------------ NumPy models
 
-def reference(q, k, v, cache_position, attention_mask, top_k):
-    batch, q_heads, tokens, head_dim = q.shape
-    heads, keys = k.shape[1], k.shape[2]
-    mask = additive_mask(attention_mask, np.asarray(cache_position), keys, F64)
-    probs = attention_probs(q.astype(F64).reshape(batch, top_k, heads, tokens, head_dim), k.astype(F64), mask)
-    return attend(probs, v.astype(F64), top_k)
-
-
-def draw(rng, batch, top_k, heads, tokens, keys, head_dim):
-    q = (2.0 * rng.standard_normal((batch, top_k * heads, tokens, head_dim))).astype(np.float32)
-    k = rng.standard_normal((batch, heads, keys, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, heads, keys, head_dim)).astype(np.float32)
-    return q, k, v
-
-
 def assert_context(got, want, v, what):
     assert np.all(np.isfinite(got)), f"{what}: non-finite"
     err = float(np.max(np.abs(got - want)))
@@ -177,7 +161,7 @@ def test_models_match_reference(rng, case):
         for b, p in enumerate(c["pad"]):
             mask[b, :p] = 0
         mask[0, keys // 2] = 0  # a hole
-    want = reference(q, k, v, positions, mask, top_k)
+    _, want = reference_attention(q, k, v, positions, mask, top_k)
     assert_context(ga.prefill_model(q, k, v, positions, mask, top_k), want, v, f"prefill model, {case}")
     for splits in (1, 3):
         got = ga.decode_model(q, k, v, positions, mask, top_k, num_splits=splits)
@@ -193,7 +177,7 @@ def test_models_use_only_num_keys(rng):
     positions = np.array([used - 1])
     mask = np.ones((batch, capacity), np.int64)
     mask[1, :4] = 0
-    want = reference(q, k[:, :, :used], v[:, :, :used], positions, mask[:, :used], top_k)
+    _, want = reference_attention(q, k[:, :, :used], v[:, :, :used], positions, mask[:, :used], top_k)
     got = ga.decode_model(q, k, v, positions, mask, top_k, num_splits=4, chunk=16, num_keys=used)
     assert_context(got, want, v[:, :, :used], "decode model with num_keys")
     got = ga.prefill_model(q, k, v, positions, mask, top_k, num_keys=used)

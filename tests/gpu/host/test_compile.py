@@ -19,7 +19,8 @@ import pytest
 
 from gpu.kernels import KERNEL_DIR, NVRTC_OPTIONS, ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
+
 ARCHS = ("sm_80", "sm_90")
 REPORT_PATH = os.path.join(ROOT, "build", "kernel_resources.txt")
 # Ops whose owners checked that no kernel spills registers (a spill is a silent slowdown, never a compile error);
@@ -80,7 +81,7 @@ def resource_reports():
         os.makedirs(os.path.dirname(REPORT_PATH), exist_ok=True)
         with open(REPORT_PATH, "w") as f:
             f.write(f"# ptxas -v resource usage per kernel ({os.path.basename(NVCC or 'nvcc')}, "
-                    "tests/test_gpu_compile.py)\n\n")
+                    "tests/gpu/host/test_compile.py)\n\n")
             f.write("\n\n".join(reports[key] for key in sorted(reports)) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Host-side logic of gpu/experts.py, without a GPU: path selection, kernel names, launch geometry, shape errors.
 
-The kernels themselves are checked on a GPU by tests/test_gpu_kernels_experts.py. Here: the choice of path is a
+The kernels themselves are checked on a GPU by tests/gpu/device/test_kernels_experts.py. Here: the choice of path is a
 pure function of shapes and the compute capability; every kernel name the host can ask for is an entry point of
 gpu/kernels/expert_gemm.cu (compiled to PTX with nvcc when it is installed); the tiled grid covers every row
 block the routing plan can produce; the geometry constants agree with the .cu #defines.

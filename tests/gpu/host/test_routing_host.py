@@ -3,7 +3,7 @@
 - gpu.routing.max_blocks: the bound on GEMM row blocks a plan can need (sum_e ceil(c_e / M)).
 - gpu.routing.block_offsets_from_counts with xp=numpy.
 - The NumPy models of the routing kernels (gpu/routing.py, `*_model`; llm.c style: every kernel has a plain
-  reference), against reference.routing: the same top-k, gates and plan. tests/test_gpu_kernels_routing.py then
+  reference), against reference.routing: the same top-k, gates and plan. tests/gpu/device/test_kernels_routing.py then
   checks the CUDA kernels against these models on a GPU.
 
 Randomness: `rng` (tests/conftest.py) prints its seed; hypothesis prints a failing example.
