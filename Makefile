@@ -6,15 +6,18 @@ ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
 
 .PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens corpus train-tiny \
-	bench-cpu gpu-check clean
+	bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
 PROMPT  ?= ROMEO:
+# The prompt reaches `make run` through the environment as typed: expanded by make and quoted by the shell, quotes
+# would vanish and `$HOME` would lose its `$H`.
+export JETMOE_PROMPT = $(value PROMPT)
 
 # run (the main job): stream text from the bundled Shakespeare JetMoE with the NumPy reference, then print tokens/s
 # and the expert load per layer. PROMPT="JULIET:" make run to change the prompt.
 run: $(STAMP)
-	.venv/bin/jetmoe generate --model $(MODEL) --prompt "$(PROMPT)" --max-new-tokens 200 --seed 0
+	.venv/bin/jetmoe generate --model $(MODEL) --prompt "$$JETMOE_PROMPT" --max-new-tokens 200 --seed 0
 
 # setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
 setup: $(STAMP)
@@ -76,6 +79,11 @@ train-tiny: corpus $(ORACLE)
 # bench-cpu: float32 reference vs HF eager on JetMoE-small, same run, same threads (scripts/bench_cpu.py).
 bench-cpu: $(ORACLE)
 	$(PY) scripts/bench_cpu.py
+
+# bench-8b: the reference on the full jetmoe-8b-shaped checkpoint (17 GB, written once by scripts/make_8b_shaped.py
+# into build/) against HF bf16 and the machine's bandwidth limit, each side in a child under an address-space cap.
+bench-8b: $(ORACLE)
+	$(PY) scripts/bench_8b.py
 
 # gpu-check: on a CUDA machine, the GPU parity suite + benchmark -> build/gpu_report.md (uses the machine's python3,
 # which must have CuPy; scripts/gpu_check.py installs what is missing where a package index is reachable).
