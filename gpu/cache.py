@@ -9,6 +9,7 @@ so nothing syncs.
 StaticKVCache is the fixed-capacity variant for CUDA graphs: one captured decode step must be replayable as is,
 so nothing that changes between steps may live on the host. Its step boundaries live in a device int64 pair
 `offsets` = [start, end]: this step writes positions start..end-1 and attends over the first `end` keys.
+It is driven step by step as below, never through model(...), which refuses it (gpu.model.check_forward_cache).
 
     cache = StaticKVCache.for_config(config, batch, dtype, capacity)  # capacity >= prompt + new tokens
     mask = cupy.zeros((batch, capacity), cupy.int64); mask[:, :prompt] = prompt_mask   # caller-owned buffer

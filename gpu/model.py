@@ -21,7 +21,7 @@ from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast,
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .device import require_cupy
 from .experts import moe
 from .linear import linear
@@ -79,6 +79,18 @@ def embed(table, input_ids):
     return rows
 
 
+def check_forward_cache(cache):
+    """past_key_values of a model(...) call: None or a gpu.cache.KVCache. Host-side, before any device work.
+
+    A StaticKVCache is refused: its write position and key count live on the device and move only through
+    begin_step, which model(...) never calls, so every forward would overwrite positions 0..T-1 and attend over
+    the whole capacity (check_inputs lets it through: it is a KVCache subclass)."""
+    if isinstance(cache, StaticKVCache):
+        raise TypeError("past_key_values is a gpu.cache.StaticKVCache, which is for captured decode steps driven "
+                        "by cache.begin_step(...) and attention(num_keys=cache.num_keys), not for model(...) "
+                        "calls: pass a gpu.cache.KVCache (e.g. model.new_cache(batch, capacity)) or None")
+
+
 def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config, output_attentions):
     # h: [B, T, D] -> h, attention probs (or None), (attention logits [N, E], mlp logits [N, E])
     x = rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS)
@@ -130,6 +142,7 @@ class JetMoeModel(_Pretrained):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
                  output_router_logits=None, cache_position=None):
+        check_forward_cache(past_key_values)
         cp = require_cupy()
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
