@@ -136,7 +136,10 @@ def _check_top_k(top_k, num_experts):
 
 def topk_keys_model(logits):
     # logits: [N, E] float32 -> [N, E] uint64 keys of topk_softmax_f32: order-preserving float bits, then ~expert
-    logits = np.where(logits == 0, np.float32(0), logits).astype(np.float32)  # -0 ties with +0
+    # CuPy compiles with -ftz=true, under which the kernel's `logit == 0.0f` holds for a subnormal too: so subnormals
+    # and -0 become +0 here, and tie with 0 (the reference keeps a subnormal above 0).
+    logits = np.asarray(logits, dtype=np.float32)
+    logits = np.where(np.abs(logits) < np.finfo(np.float32).tiny, np.float32(0), logits)
     bits = logits.view(np.uint32).astype(np.uint64)
     ordered = np.where(bits & 0x80000000, ~bits & 0xFFFFFFFF, bits | 0x80000000)
     tie_break = np.uint64(0xFFFFFFFF) - np.arange(logits.shape[1], dtype=np.uint64)

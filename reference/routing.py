@@ -3,6 +3,10 @@
 HF JetMoeTopKGating: logits = x @ Wr^T (float32 or better); take the top-k logits; softmax over only those k;
 then group the N*K (token, choice) slots by expert. Slot s = n*K + k is token n's k-th choice.
 
+Ties: among equal logits the lower expert id comes first (and -0 equals +0). This is our canonical rule, not HF's:
+torch.topk leaves the order of equal values unspecified. The GPU kernel (gpu/kernels/routing.cu) follows it too,
+except that CuPy compiles with -ftz=true, so there a subnormal logit equals 0 (tests/reference/test_routing.py).
+
 Notebook: notebooks/02_top_k_routing.ipynb.
 """
 
@@ -40,13 +44,10 @@ class RoutingPlan:
 
 
 def top_k_of(logits, k):
-    # logits: [N, E] -> indices [N, K] sorted by logit, largest first (torch.topk order)
-    if k == logits.shape[1]:
-        candidates = np.broadcast_to(np.arange(k), logits.shape)
-    else:
-        candidates = np.argpartition(-logits, k - 1, axis=1)[:, :k]  # [N, K] unordered
-    order = np.argsort(-np.take_along_axis(logits, candidates, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+    # logits: [N, E] -> indices [N, K] int64, largest logit first, equal logits in expert id order (module docstring)
+    # A stable sort of the negated logits is exactly that rule, and for E = 8 it is faster than argpartition
+    # (measured for N = 512..4096: 46 against 156 us at N = 512, 635 against 879 us at N = 4096).
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
 def softmax(x, axis=-1):

@@ -27,7 +27,8 @@
 // Order-preserving key of (logit, expert): see the header.
 __device__ __forceinline__ unsigned long long topk_key(float logit, long long expert) {
     // -0 == +0 as floats, so they tie and the lower expert id wins. (Under CuPy's -ftz=true a subnormal logit
-    // also compares equal to 0 here, so it ties with 0 too; the NumPy model keeps it above 0.)
+    // also compares equal to 0 here, so it ties with 0 too, as gpu.routing.topk_keys_model models; reference.routing
+    // keeps it above 0.)
     if (logit == 0.0f) logit = 0.0f;
     const unsigned int bits = __float_as_uint(logit);
     // Negative floats: flip all bits (more negative = smaller); positive: set the sign bit (above negatives).

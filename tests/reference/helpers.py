@@ -70,7 +70,7 @@ def rope_oracle(x, positions, theta):
 
 def dense_top_k_gates(logits, k):
     # logits: [N, E] -> ([N, E] gates: zero except the k largest logits of a row, which hold the softmax over
-    # only those k; [N, K] chosen experts, best first)
+    # only those k; [N, K] chosen experts, best first, equal logits in expert id order: Python's sort is stable)
     gates = np.zeros_like(logits)
     chosen = np.empty((logits.shape[0], k), dtype=np.int64)
     for n, row in enumerate(logits):

@@ -83,6 +83,23 @@ def test_top_k_model_breaks_ties_to_the_lower_expert():
     np.testing.assert_allclose(gates[1], [1 / 3] * 3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (8, 8), (40, 6)])
+def test_top_k_model_ties_match_reference(rng, num_experts, top_k):
+    # One canonical tie rule (lower expert id first) in the kernel's model and in reference.routing.
+    logits = rng.integers(-2, 3, size=(300, num_experts)).astype(np.float32)
+    logits[0] = 0.0
+    logits[1, ::2] = -0.0
+    np.testing.assert_array_equal(top_k_softmax_model(logits, top_k)[0], ref_routing.top_k_of(logits, top_k))
+
+
+def test_top_k_model_flushes_subnormals_like_the_kernel():
+    # The one place the two differ: CuPy's -ftz=true makes the kernel see 1e-40 as 0, a tie that expert 0 wins;
+    # NumPy (the reference) ranks the subnormal above 0 (tests/reference/test_routing.py).
+    logits = np.array([[0.0, 1e-40, -1.0], [-1e-40, 0.0, -1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(top_k_softmax_model(logits, 2)[0], [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(ref_routing.top_k_of(logits, 2), [[1, 0], [1, 0]])
+
+
 def test_topk_keys_model_orders_like_floats(rng):
     # Larger float -> larger key, across signs, zeros, infinities and subnormals; NaN ranks by its sign bit.
     values = np.concatenate([rng.standard_normal(200).astype(np.float32) * 10.0 ** rng.integers(-40, 38, 200),
