@@ -73,15 +73,31 @@ __device__ __forceinline__ long long expert_of_block(const long long* block_offs
     return lo;
 }
 
-// Plain aligned vectors (no CUDA header needed): 16-byte global/shared accesses compile to 128-bit loads/stores.
-struct alignas(16) f32x4 { float x, y, z, w; };
-struct alignas(16) u32x4 { unsigned int x, y, z, w; };
-struct alignas(8) u32x2 { unsigned int x, y; };
+struct alignas(8) u32x2 { unsigned int x, y; };  // f32x4, u32x4: common.cuh
 
 __device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+// Stages the gather/scatter rows of the tile of grouped rows tile .. tile+TILE_ROWS-1 (ending at blk_end) into
+// shared memory, -1 past the end; threads 0..TILE_ROWS-1 write. Both barriers are inside: the first waits until
+// the previous tile's epilogue is done with s_dst, the second publishes the rows. Call it with the whole CTA.
+template <int VAR, int TILE_ROWS>
+__device__ __forceinline__ void stage_tile_rows(const long long* __restrict__ sorted_slots, long long tile,
+                                                long long blk_end, long long top_k, long long* s_src,
+                                                long long* s_dst) {
+    __syncthreads();
+    const int t = threadIdx.x;
+    if (t < TILE_ROWS) {
+        const long long r = tile + t;
+        if (r < blk_end) {
+            const long long s = sorted_slots[r];
+            s_src[t] = source_row<VAR>(r, s, top_k);
+            s_dst[t] = dest_row<VAR>(r, s);
+        } else {
+            s_src[t] = -1;
+            s_dst[t] = -1;
+        }
+    }
+    __syncthreads();
 }
 
 #define EXPERT_GEMM_PARAMS(WT)                                                                              \
@@ -124,19 +140,7 @@ __device__ __forceinline__ void simt_gemm(EXPERT_GEMM_PARAMS(WT)) {
     const WT* wbase = we + (col0 + ty) * k_in;
 
     for (long long tile = blk_begin; tile < blk_end; tile += SIMT_BM) {
-        __syncthreads();  // the previous tile's epilogue is done with s_dst
-        if (t < SIMT_BM) {
-            const long long r = tile + t;
-            if (r < blk_end) {
-                const long long s = sorted_slots[r];
-                s_src[t] = source_row<VAR>(r, s, top_k);
-                s_dst[t] = dest_row<VAR>(r, s);
-            } else {
-                s_src[t] = -1;
-                s_dst[t] = -1;
-            }
-        }
-        __syncthreads();
+        stage_tile_rows<VAR, SIMT_BM>(sorted_slots, tile, blk_end, top_k, s_src, s_dst);
 
         float ra[4], rb[NB][4];
         auto load_tile = [&](long long kt) {  // source rows re-read from shared memory: fewer live registers
@@ -280,19 +284,7 @@ __device__ __forceinline__ void mma_gemm(EXPERT_GEMM_PARAMS(bf16_bits)) {
     }
 
     for (long long tile = blk_begin; tile < blk_end; tile += MMA_BM) {
-        __syncthreads();
-        if (t < MMA_BM) {
-            const long long r = tile + t;
-            if (r < blk_end) {
-                const long long s = sorted_slots[r];
-                s_src[t] = source_row<VAR>(r, s, top_k);
-                s_dst[t] = dest_row<VAR>(r, s);
-            } else {
-                s_src[t] = -1;
-                s_dst[t] = -1;
-            }
-        }
-        __syncthreads();
+        stage_tile_rows<VAR, MMA_BM>(sorted_slots, tile, blk_end, top_k, s_src, s_dst);
 
         const float* arow[4];
 #pragma unroll
@@ -424,24 +416,6 @@ __device__ __forceinline__ void mma_gemm(EXPERT_GEMM_PARAMS(bf16_bits)) {
 #define GEMV_MIN_BLOCKS 4
 #define GEMV_ROWS 8  // an expert's rows are taken 8 at a time; the weight row is read once per 8 rows
 
-// VEC consecutive weights from p[k..k+VEC-1] as float (16-byte aligned vector load).
-__device__ __forceinline__ void load_w_vec(const float* p, long long k, float (&v)[4]) {
-    const f32x4 q = *reinterpret_cast<const f32x4*>(p + k);
-    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-}
-__device__ __forceinline__ void load_w_vec(const bf16_bits* p, long long k, float (&v)[8]) {
-    const u32x4 q = *reinterpret_cast<const u32x4*>(p + k);
-    const unsigned int u[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        v[2 * i] = __uint_as_float(u[i] << 16);
-        v[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-    }
-}
-
-template <typename WT> struct GemvVec { static constexpr int value = 4; };
-template <> struct GemvVec<bf16_bits> { static constexpr int value = 8; };
-
 // All of one warp's work: output column c of expert e, over the expert's rows in chunks of GEMV_ROWS.
 // VEC_LOADS (16-byte loads of W and A) is a template argument so neither loop carries the choice in a register.
 template <typename WT, int VAR, bool VEC_LOADS>
@@ -481,11 +455,7 @@ __device__ __forceinline__ void gemv_column(const float* __restrict__ a, const W
                 for (int i = 0; i < GEMV_ROWS; ++i) {
                     if (i < rows) {  // predicated, not a branch chain: the row loads issue back to back
                         float av[VEC];
-#pragma unroll
-                        for (int q = 0; q < VEC; q += 4) {
-                            const f32x4 x4 = *reinterpret_cast<const f32x4*>(a + s_src[warp][i] + k + q);
-                            av[q] = x4.x; av[q + 1] = x4.y; av[q + 2] = x4.z; av[q + 3] = x4.w;
-                        }
+                        load_f32_vec(a + s_src[warp][i] + k, av);
 #pragma unroll
                         for (int h = 0; h < NB; ++h)
 #pragma unroll

@@ -6,7 +6,13 @@
 //
 // Two algorithms, chosen on the host from M alone:
 //   linear_gemv_*   M <= GEMV_MAX_ROWS (decode): one warp per output column n streams W[n, :] once,
-//                   coalesced, and dots it with every x row; memory-bound on W, which is the point.
+//                   coalesced, and dots it with every x row; memory-bound on W, which is the point. Each lane
+//                   reads 16 bytes at a time (8 bf16 or 4 float32: 512 B per warp load, against 64 B for bf16
+//                   scalars) when k_in is a multiple of that vector and x and W are 16-byte aligned, so that
+//                   every row starts aligned; otherwise (a view at an odd offset, an odd k_in) lane-strided
+//                   scalars. There is no vector body with a scalar tail: with k_in not a multiple of the vector
+//                   the rows after row 0 start misaligned, so the vector path could not serve them anyway.
+//                   The choice is made on the device, uniformly per launch; the host needs C-contiguous W.
 //   linear_tiled_*  otherwise: 64x64 output tiles, 16-wide K steps staged in shared memory, 4x4 outputs
 //                   per thread; correct for any M, Nout, Kin (edges are zero-padded in shared memory).
 // Accumulation is float32 in a fixed order: results are bitwise reproducible.
@@ -16,25 +22,58 @@
 #define TILE 64
 #define TILE_K 16
 
-template <typename W>
-__device__ void linear_gemv(const float* x, const W* w, float* y, long long m_rows, long long n_out, long long k_in) {
-    const long long warps_per_block = blockDim.x / 32;
-    const long long n = blockIdx.x * warps_per_block + threadIdx.x / 32;
+// W[n, k..k+VEC-1] as floats: one 16-byte load, or (VEC = 1) one scalar.
+template <int VEC, typename W>
+__device__ __forceinline__ void load_weights(const W* w_row, long long k, float (&v)[VEC]) {
+    if constexpr (VEC == 1) v[0] = load_as_float(w_row, k);
+    else load_w_vec(w_row, k, v);
+}
+
+// x[k..k+VEC-1] of one row: 16-byte loads, or (VEC = 1) one scalar.
+template <int VEC>
+__device__ __forceinline__ void load_x(const float* x_row, long long k, float (&v)[VEC]) {
+    if constexpr (VEC == 1) v[0] = x_row[k];
+    else load_f32_vec(x_row + k, v);
+}
+
+// Output column n of every x row: lane l takes k = l*VEC .. l*VEC+VEC-1, then the same 32*VEC further on.
+template <int VEC, typename W>
+__device__ __forceinline__ void gemv_column(const float* x, const W* w_row, float* y, long long n, long long m_rows,
+                                            long long n_out, long long k_in) {
     const int lane = threadIdx.x % 32;
-    if (n >= n_out) return;
     float acc[GEMV_MAX_ROWS];
     for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
-    const W* w_row = w + n * k_in;
-    for (long long k = lane; k < k_in; k += 32) {
-        const float wk = load_as_float(w_row, k);
-        for (int r = 0; r < GEMV_MAX_ROWS; ++r)
-            if (r < m_rows) acc[r] += wk * x[r * k_in + k];
+    for (long long k = (long long)lane * VEC; k < k_in; k += 32 * VEC) {
+        float wv[VEC];
+        load_weights(w_row, k, wv);
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+            if (r < m_rows) {
+                float xv[VEC];
+                load_x(x + r * k_in, k, xv);
+#pragma unroll
+                for (int q = 0; q < VEC; ++q) acc[r] = fmaf(xv[q], wv[q], acc[r]);
+            }
+        }
     }
     for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
         if (r >= m_rows) break;
         const float total = warp_sum(acc[r]);
         if (lane == 0) y[r * n_out + n] = total;
     }
+}
+
+template <typename W>
+__device__ void linear_gemv(const float* x, const W* w, float* y, long long m_rows, long long n_out, long long k_in) {
+    const long long warps_per_block = blockDim.x / 32;
+    const long long n = blockIdx.x * warps_per_block + threadIdx.x / 32;
+    if (n >= n_out) return;
+    constexpr int VEC = GemvVec<W>::value;
+    const W* w_row = w + n * k_in;
+    if (k_in % VEC == 0 && aligned16(x) && aligned16(w))  // the same for every warp: no divergence
+        gemv_column<VEC>(x, w_row, y, n, m_rows, n_out, k_in);
+    else
+        gemv_column<1>(x, w_row, y, n, m_rows, n_out, k_in);
 }
 
 template <typename W>
