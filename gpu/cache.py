@@ -31,6 +31,7 @@ count to the capacity; get_seq_length() (a device read that syncs, so not for a 
 import numpy as np
 
 from reference.cache import KVCacheBase
+from reference.weights import BF16
 
 from .device import require_cupy
 from .kernels import kernel
@@ -44,13 +45,12 @@ NULL = np.uint64(0)
 
 
 def storage_dtype(dtype):
-    """float32 -> float32; bfloat16 (ml_dtypes, 'bfloat16' or uint16 bits) -> uint16 holding bf16 bits."""
-    import ml_dtypes  # registers 'bfloat16' with NumPy
-
-    dt = np.dtype(ml_dtypes.bfloat16) if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype)
+    """float32 -> float32; bfloat16 (reference.weights.BF16, 'bfloat16' or uint16 bits) -> uint16 holding bf16
+    bits."""
+    dt = BF16 if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype)
     if dt == np.float32:
         return np.dtype(np.float32)
-    if dt == np.dtype(ml_dtypes.bfloat16) or dt == np.uint16:
+    if dt == BF16 or dt == np.uint16:
         return np.dtype(np.uint16)
     raise TypeError(f"the GPU KV cache holds float32 or bfloat16, got {dtype}")
 

@@ -8,7 +8,6 @@ accumulation are float32. Inputs may be NumPy or CuPy; they are validated on the
 check_inputs (one small copy), then everything runs on the device. Outputs are CuPy arrays.
 """
 
-import ml_dtypes
 import numpy as np
 
 from reference import trace
@@ -17,8 +16,9 @@ from reference.config import JetMoeConfig
 from reference.inputs import check_inputs, pooling_positions, to_numpy
 from reference.losses import causal_lm_losses, classification_loss
 from reference.model import block_weights
-from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from reference.norm import BLOCK_NORM_EPS
+from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from reference.weights import BF16
 
 from .attention import moa
 from .cache import KVCache, StaticKVCache
@@ -33,11 +33,12 @@ FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weigh
 
 
 def weight_dtype(dtype):
-    """np.dtype float32 or bfloat16 (ml_dtypes) from np.float32, "float32", ml_dtypes.bfloat16 or "bfloat16"."""
-    name = "bfloat16" if dtype in ("bfloat16", ml_dtypes.bfloat16) else np.dtype(dtype).name
+    """np.dtype float32 or bfloat16 from np.float32, "float32", a bfloat16 dtype (reference.weights.BF16) or
+    "bfloat16"."""
+    name = "bfloat16" if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype).name
     if name not in WEIGHT_DTYPES:
         raise TypeError(f"dtype={dtype!r} is not supported by the GPU twin: use np.float32 (parity) or 'bfloat16'")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+    return BF16 if name == "bfloat16" else np.dtype(np.float32)
 
 
 def upload(name, tensor, dtype):
@@ -53,7 +54,7 @@ def upload(name, tensor, dtype):
             raise TypeError(f"device tensor {name!r} is {tensor.dtype}, the {dtype.name} model needs {wanted}")
         return tensor
     if dtype.name == "bfloat16" and not name.endswith(FLOAT32_ALWAYS):
-        return cp.asarray(np.ascontiguousarray(tensor).astype(ml_dtypes.bfloat16).view(np.uint16))
+        return cp.asarray(np.ascontiguousarray(tensor).astype(BF16).view(np.uint16))
     return cp.asarray(np.ascontiguousarray(tensor, dtype=np.float32))
 
 

@@ -1,7 +1,7 @@
 """Who may import what, read from the source with `ast` (nothing is imported or run):
 
 - reference/ (the semantics): numpy, safetensors, ml_dtypes, tokenizers, the standard library and itself;
-- gpu/ (the CuPy twin): reference, cupy, numpy, ml_dtypes, the standard library and itself;
+- gpu/ (the CuPy twin): reference, cupy, numpy, the standard library and itself (bf16 via reference.weights.BF16);
 - notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/.
 
 An import is `import x`, `from x import y` (a relative `from . import y` is the package itself), or a call
@@ -21,7 +21,7 @@ from paths import ROOT
 STDLIB = frozenset(sys.stdlib_module_names)
 ALLOWED = {  # package -> third-party top-level modules it may import (besides the standard library and itself)
     "reference": frozenset({"numpy", "safetensors", "ml_dtypes", "tokenizers"}),
-    "gpu": frozenset({"reference", "cupy", "numpy", "ml_dtypes"}),
+    "gpu": frozenset({"reference", "cupy", "numpy"}),
 }
 NOTEBOOK_FORBIDDEN = frozenset({"jetmoe"})
 DYNAMIC = "<a module computed at run time>"
