@@ -7,12 +7,13 @@ machines this project runs on. So `select_tensors` (reference/checkpoint.py) con
 converted tensors fit a memory budget; otherwise each big matrix stays memory-mapped in the file's dtype as a
 `MappedWeight`, and only what the forward touches is converted:
 - `stack[e]` of an expert stack [E, out, in] is expert e's slice, still in the file: nothing is read;
-- `x @ w.T` converts w a block of rows at a time into a reusable buffer and multiplies block by block, so the
-  converted copy never outlives its matmul and a decoded token reads only its routed experts' bytes;
+- `linear(x, w)` (x @ w^T, for every weight product of the model) multiplies a prefill by the whole matrix,
+  converted into a reusable buffer, and a decode step block by block, each block converted just before its
+  product: the converted copy never outlives its matmul, and a decoded token reads only its routed experts' bytes;
 - `w[ids]`, an embedding lookup, converts only the rows it returns.
-The model code cannot tell the two apart: `x @ w.T`, `w[e]` and `w[ids]` read the same, so the math and the trace
-names do not change. A block's product equals the whole matrix's bit for bit (each output is the same dot
-product over `in`), which tests/reference/test_weights.py checks against eager conversion.
+The model code cannot tell the two apart: `linear(x, w)`, `w[e]` and `w[ids]` read the same, so the math and the
+trace names do not change. Converted weights take the same `linear` path, block for block, so the two give the
+same bits (OpenBLAS's result depends on the product's shape), which tests/reference/test_weights.py checks.
 """
 
 import contextlib
