@@ -75,7 +75,8 @@ def _single_threaded_blas():
 def convert(src, out):
     # src: [...] in the file's dtype, out: [...] float32 or float64 -> out
     # bf16 is the upper half of a float32, so bf16 -> float32 is a 16-bit shift into the preallocated buffer:
-    # exact, and faster than ml_dtypes' astype (README "Speed" measures both).
+    # exact, and faster than ml_dtypes' astype (here 1.9 against 0.23 GB/s of bf16 on 128 MiB; make bench-8b
+    # reports the shift's rate on two threads).
     if src.dtype == BF16 and out.dtype == np.float32:
         np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
