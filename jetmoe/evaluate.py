@@ -54,7 +54,7 @@ def main(args):
     text = read_text(args.text_file)  # before loading the model: a bad file fails fast
     if not text.strip():
         raise ValueError(f"{args.text_file} holds no text")
-    trained = cli.training_context(args.model) if os.path.isdir(args.model) else None
+    trained = cli.training_context(args.model)  # None where the directory (or its train_log.json) is missing
     model, tokenizer = cli.load(args.model, args.dtype)
     limit = model.config.max_position_embeddings
     context = args.context or trained or min(limit, 512)

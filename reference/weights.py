@@ -134,7 +134,7 @@ class MappedWeight:
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
-def rows_of(weight, start, end, out_rows=None):
+def rows_of(weight, start, end):
     # weight: [out, in] ndarray or MappedWeight -> rows start..end-1 in the compute dtype (a view, or converted
     # into this thread's reusable buffer)
     if isinstance(weight, np.ndarray):

@@ -68,11 +68,11 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def measure(load, step, as_ids, vocab_seed):
+def measure(load, step, as_ids, seed):
     """load() -> model; step(model, ids [1, T], cache or None) -> (next token [1, 1], cache); as_ids(NumPy) -> ids.
     The same measurements for both sides: load, 32-token prefill, 32 decode steps, 512-token prefill."""
     load_seconds, model = timed(load)
-    ids = np.random.default_rng(vocab_seed).integers(3, model.config.vocab_size, size=(1, LONG_PROMPT_TOKENS))
+    ids = np.random.default_rng(seed).integers(3, model.config.vocab_size, size=(1, LONG_PROMPT_TOKENS))
     prefill, (token, cache) = timed(lambda: step(model, as_ids(ids[:, :PROMPT_TOKENS]), None))
     start = time.perf_counter()
     for _ in range(DECODE_TOKENS):
