@@ -374,26 +374,23 @@ def moa(x, w, position_ids, cache_position, attention_mask, cache, layer_idx, co
     with trace.scope("router"):
         plan = top_k_gating(x2d, w.router, top_k)
     query = moa_map(x2d, plan, w.input_linear)  # [N, K, H*Dh]
+    query = trace.record("query", query.reshape(batch, tokens, top_k, heads * head_dim))  # [B, T, K, H*Dh]
     q = cp.ascontiguousarray(query.reshape(batch, tokens, top_k * heads, head_dim).transpose(0, 2, 1, 3))
     kv = linear(x2d, w.kv_proj)  # [N, 2*H*Dh]: keys then values
     k, v = (cp.ascontiguousarray(part.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3))
             for part in (kv[:, : heads * head_dim], kv[:, heads * head_dim:]))  # [B, H, T, Dh]
-    trace.record("query", query.reshape(batch, tokens, top_k, heads * head_dim))
-    trace.record("key", k)
-    trace.record("value", v)
-    q = apply_rope(q, position_ids, head_dim, config.rope_theta)  # [B, K*H, T, Dh]
-    k = apply_rope(k, position_ids, head_dim, config.rope_theta)  # [B, H, T, Dh]
-    trace.record("query_rope", q)
-    trace.record("key_rope", k)
+    k, v = trace.record("key", k), trace.record("value", v)
+    q = trace.record("query_rope", apply_rope(q, position_ids, head_dim, config.rope_theta))  # [B, K*H, T, Dh]
+    k = trace.record("key_rope", apply_rope(k, position_ids, head_dim, config.rope_theta))  # [B, H, T, Dh]
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # [B, H, S, Dh] views of the cache buffers
     probs = None
     if output_probs or trace.tracing():
+        # probs is observed, not replaced: the fused kernel computes context from q, k and v itself
         context, probs = attention(q, k, v, cache_position, attention_mask, top_k, output_probs=True)
         trace.record("probs", probs)
     else:
         context = attention(q, k, v, cache_position, attention_mask, top_k)  # [B, T, K, H*Dh]
-    trace.record("context", context)
+    context = trace.record("context", context)
     y = moa_reduce(context.reshape(batch * tokens, top_k, heads * head_dim), plan, w.output_linear, w.bias)
-    trace.record("output", y.reshape(batch, tokens, hidden))
-    return y.reshape(batch, tokens, hidden), probs, plan.logits
+    return trace.record("output", y.reshape(batch, tokens, hidden)), probs, plan.logits

@@ -198,6 +198,11 @@ def combine(slot_y, gates, bias, out=None):
     return out
 
 
+def group(slot_x, plan):
+    # slot_x: [N, K, in] in slot order -> [NK, in] grouped order (only for trace replacements: the GEMMs gather)
+    return require_cupy().ascontiguousarray(slot_x.reshape(-1, slot_x.shape[-1])[plan.sorted_slots])
+
+
 def ungroup(grouped_y, plan):
     # grouped_y: [NK, out] in grouped order -> [N, K, out] in slot order (only for traces: the GEMMs scatter)
     cp = require_cupy()
@@ -211,9 +216,9 @@ def ungroup(grouped_y, plan):
 def moe_experts(x2d, plan, w, path=None):
     # x2d: [N, D], plan from top_k_gating -> [N, D]; records expert_act and expert_out as the reference does
     act = expert_gemm(x2d, w.input_linear, plan, "moe_in", path=path)  # [NK, F] grouped order
-    trace.record("expert_act", lambda: ungroup(act, plan))  # [N, K, F]
+    act = trace.record_view("expert_act", act, lambda a: ungroup(a, plan), lambda a: group(a, plan))  # [N, K, F]
     slot_y = expert_gemm(act, w.output_linear, plan, "moe_out", path=path)  # [NK, D] slot order, unweighted
-    trace.record("expert_out", slot_y.reshape(-1, plan.top_k, slot_y.shape[-1]))  # [N, K, D]
+    slot_y = trace.record("expert_out", slot_y.reshape(-1, plan.top_k, slot_y.shape[-1]))  # [N, K, D]
     return combine(slot_y, plan.top_k_gates, w.bias)  # [N, D]
 
 
@@ -225,8 +230,7 @@ def moe(x, w, top_k, path=None):
     with trace.scope("router"):
         plan = top_k_gating(x2d, w.router, top_k)
     y = moe_experts(x2d, plan, w, path=path)
-    trace.record("output", y.reshape(batch, tokens, hidden))
-    return y.reshape(batch, tokens, hidden), plan.logits
+    return trace.record("output", y.reshape(batch, tokens, hidden)), plan.logits
 
 
 # ------------------------------------------------------------------------------------- the MoA projections

@@ -94,19 +94,15 @@ def check_forward_cache(cache):
 
 def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config, output_attentions):
     # h: [B, T, D] -> h, attention probs (or None), (attention logits [N, E], mlp logits [N, E])
-    x = rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS)
-    trace.record("input_layernorm", x)
+    x = trace.record("input_layernorm", rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS))
     with trace.scope("attention"):
         attn_out, probs, attn_logits = moa(x, w.attention, positions, cache_position, attention_mask, cache,
                                            layer_idx, config, output_probs=output_attentions)
-    h = h + attn_out
-    trace.record("post_attention_residual", h)
-    x = rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS)
-    trace.record("post_attention_layernorm", x)
+    h = trace.record("post_attention_residual", h + attn_out)
+    x = trace.record("post_attention_layernorm", rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS))
     with trace.scope("mlp"):
         mlp_out, mlp_logits = moe(x, w.mlp, config.num_experts_per_tok)
-    h = h + mlp_out
-    trace.record("output", h)
+    h = trace.record("output", h + mlp_out)
     return h, probs, (attn_logits, mlp_logits)
 
 
@@ -162,7 +158,7 @@ class JetMoeModel(_Pretrained):
         positions = cp.asarray(position_ids)  # [B|1, T]
         cache_pos = cp.asarray(cache_position)  # [T]
         mask = None if attention_mask is None else cp.asarray(attention_mask)  # [B, S]
-        trace.record("embed_tokens", h)
+        h = trace.record("embed_tokens", h)
         hidden_states, attentions, router_logits = [], [], []
         for i, w in enumerate(self.layers):
             hidden_states.append(h)
@@ -170,8 +166,7 @@ class JetMoeModel(_Pretrained):
                 h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, config, output_attentions)
             attentions.append(probs)
             router_logits.extend(logits)
-        h = rms_norm(h, self.norm, config.rms_norm_eps)  # the only norm that uses config.rms_norm_eps
-        trace.record("norm", h)
+        h = trace.record("norm", rms_norm(h, self.norm, config.rms_norm_eps))  # the only norm using rms_norm_eps
         hidden_states.append(h)
         return MoeModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache,
@@ -209,7 +204,7 @@ class JetMoeForCausalLM(_Pretrained):
             kept = h[:, cp.asarray(to_numpy(logits_to_keep))]
         batch, kept_tokens, hidden = kept.shape
         logits = linear(kept.reshape(batch * kept_tokens, hidden), self.lm_head).reshape(batch, kept_tokens, -1)
-        trace.record("logits", logits)
+        logits = trace.record("logits", logits)
         # Losses are a few scalars over logits already computed: the reference's NumPy code on host copies.
         loss, aux_loss = None, None
         if labels is not None or output_router_logits:
@@ -256,7 +251,7 @@ class JetMoeForSequenceClassification(_Pretrained):
         batch = h.shape[0]
         rows = cp.asarray(pooling_positions(config, to_numpy(input_ids), batch))  # [B]
         pooled = linear(h[cp.arange(batch), rows], self.score)  # [B, C]: only the pooled rows need the head
-        trace.record("pooled_logits", pooled)
+        pooled = trace.record("pooled_logits", pooled)
         loss = None if labels is None else classification_loss(config, to_numpy(pooled), to_numpy(labels))
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                 hidden_states=out.hidden_states, attentions=out.attentions)

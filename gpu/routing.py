@@ -117,13 +117,18 @@ def dispatch_plan(top_k_indices, num_experts, block_rows):
 
 def top_k_gating(x2d, router_weight, top_k, block_rows=64):
     # x2d: [N, D] float32, router_weight: [E, D] float32 or bf16 bits -> RoutingPlan
+    # Each step reads the previous one's trace point, as in the reference, so a substituted choice carries on.
+    cp = require_cupy()
     num_experts = router_weight.shape[0]
-    logits = router_logits(x2d, router_weight)  # [N, E]
-    top_k_indices, top_k_gates = top_k_softmax(logits, top_k)  # [N, K], [N, K]
+    logits = trace.record("logits", router_logits(x2d, router_weight))  # [N, E]
+    chosen, gates = top_k_softmax(logits, top_k)  # [N, K], [N, K]
+    top_k_indices = trace.record("top_k_indices", chosen)
+    if top_k_indices is not chosen:  # a trace handler replaced the choice: the gates follow it (HF's softmax)
+        chosen_logits = cp.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
+        gates = cp.exp(chosen_logits - chosen_logits.max(axis=1, keepdims=True))
+        gates /= gates.sum(axis=1, keepdims=True)
+    top_k_gates = trace.record("top_k_gates", gates)
     sorted_slots, expert_offsets, block_offsets = dispatch_plan(top_k_indices, num_experts, block_rows)
-    trace.record("logits", logits)
-    trace.record("top_k_indices", top_k_indices)
-    trace.record("top_k_gates", top_k_gates)
     return RoutingPlan(logits, top_k_indices, top_k_gates, sorted_slots, expert_offsets, block_offsets, block_rows)
 
 

@@ -1,159 +1,514 @@
-"""The port debugger: find the first intermediate tensor where the reference and another implementation part.
+"""The port debugger: which op of an implementation is wrong, tensor by tensor against the reference.
 
-Both run on the same input.
+    jetmoe debug dump MODEL --prompt "ROMEO:" [--max-new-tokens 4] --out ref.safetensors
+    jetmoe debug compare MODEL port.safetensors [ref] [--isolate] [--only GLOB] [--json] [--plot errors.png]
+    jetmoe debug compare MODEL hf:bfloat16 --prompt "ROMEO:" --isolate      # HF's own bf16 against the reference
+    jetmoe debug step MODEL --prompt "ROMEO:" --break "layers.1.mlp.*"     # pdb where each matching tensor is made
 
-    jetmoe debug compare weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --against hf
-    jetmoe debug compare MODEL --prompt "ROMEO:" --against gpu          # the CuPy twin
-    jetmoe debug compare MODEL --against my_port_trace.safetensors      # a trace your port wrote
-    jetmoe debug dump MODEL --prompt "ROMEO:" --out reference_trace.safetensors
+`compare MODEL A [B]` compares two implementations, B defaulting to `ref`. Each side is a trace file (.safetensors,
+as `dump` writes it or a port writes it under the same names, README.md "Trace names"), or one of `ref` (this
+reference), `hf` (Hugging Face transformers, jetmoe/hf_trace.py; the oracle extra) and `gpu` (the CUDA twin);
+`hf:bfloat16` and `gpu:bfloat16` run those in bf16. The inputs come from a trace file, so two files compare
+offline, and a live side runs on the file's inputs: its prompt, positions and every decode step's token (teacher
+forcing). --prompt is needed only when neither side is a file.
 
-`compare` prints one row per named intermediate (README.md "Trace names"), in forward order: name, shape, max abs
-and max rel error (rel = max |a-b| / max |reference|), and for routing choices whether the top-k experts agree.
-It stops at the first divergence (--all prints every row, the first divergence marked) and exits with status 1
-when there is one. `dump` writes the reference trace to safetensors, together with the inputs it ran on
-(`inputs.input_ids`, `inputs.attention_mask`): a port in another language reads those, runs them, writes its own
-tensors under the same names, and `compare --against` that file needs no --prompt.
-
-The other implementation is one of:
-- `hf`: Hugging Face transformers (jetmoe/hf_trace.py: forward hooks mapped to our names; the oracle extra);
-- `gpu`: the GPU twin (needs CuPy and a CUDA GPU);
-- a path to a .safetensors trace.
-torch, transformers and CuPy are imported only when `--against hf` or `--against gpu` asks for them.
+Each row is one named tensor, in forward order: shape, max abs and max rel error (rel = max |a-b| / max |B|),
+the worst position and a verdict:
+  ok          within the tolerance
+  introduced  the error starts here: this op is wrong
+  inherited   (without --isolate) it diverges because something upstream did
+  near-tie    top-k choices differ only where the k-th and (k+1)-th router logits are within the tolerance
+  input       the sides ran on different inputs here (a live side follows the file's)
+With --isolate the reference recomputes every tensor from the other side's upstream tensors (each earlier trace
+point substituted by that side's value, its routing included), so each row is that op's own error and one run
+names every independent bug. The exit status is 1 when a row is introduced or inherited, else 0.
 """
 
+import bdb
+import fnmatch
+import hashlib
+import json
+import math
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from reference.generation import positions_from_mask
-from reference.trace import Trace, capture, compare, format_rows
+from reference import trace as tracing
+from reference.generation import generate, positions_from_mask
+from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
 from . import cli
 
-INPUT_NAMES = ("inputs.input_ids", "inputs.attention_mask")
-# Default tolerances: what two correct implementations reach in each dtype (float32: summation order and
-# float32-vs-float64 routing logits; float64: round-off), relative to the largest reference entry.
-DEFAULT_RTOL = {"float32": 1e-4, "float64": 1e-9}
+LIVE = ("ref", "hf", "gpu")
+INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Default relative tolerances, relative to the largest entry of B: what two correct implementations reach in
+# each dtype. float64: round-off. float32: summation order and float32-vs-float64 router logits. bfloat16:
+# bf16 keeps 8 mantissa bits (relative step 2^-8 = 3.9e-3) and HF rounds every op's output to it; measured
+# against HF bf16 on the bundled model with --isolate, the largest own error of any op is below 2e-2.
+DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2}
+PRECISION = ["bfloat16", "float32", "float64"]  # least precise first
+FORMAT = "jetmoe-trace-1"
 
 
-def reference_trace(model, input_ids, attention_mask):
-    # input_ids, attention_mask: [B, T] -> Trace of the reference forward (positions from the mask, as generate)
-    with capture() as trace:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-              use_cache=False)
-    return trace
+@dataclass
+class Side:
+    label: str  # as given: "ref", "hf:bfloat16", a path
+    kind: str  # "ref", "hf", "gpu" or "file"
+    dtype: str  # the dtype it computed in
+    trace: Trace = None
+    metadata: dict = field(default_factory=dict)
 
 
-def other_trace(against, model_dir, input_ids, attention_mask, dtype):
-    """{name: array} of HF (against="hf") or the GPU twin (against="gpu") on the same input."""
-    if against == "hf":
+@dataclass
+class Forwards:
+    """What a trace ran on: the prefill's (input_ids [B, T], attention_mask [B, T], position_ids [B, T]), then each
+    decode step's (token [B, 1], mask [B, T + i], positions [B, 1])."""
+    steps: list
+    source: str  # where they came from, for messages
+
+    def names(self):
+        return {f"{prefix(i)}inputs.{name}": value for i, step in enumerate(self.steps)
+                for name, value in zip(INPUTS, step)}
+
+
+def prefix(step):
+    return f"step.{step}." if step else ""
+
+
+def config_sha256(model_dir):
+    """sha256 of the config.json bytes: a dump records which model it came from (`sha256sum config.json`)."""
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- the sides
+
+def parse_side(spec, ref_dtype):
+    """A Side from the command line: ref, hf[:dtype], gpu[:dtype] or a trace file."""
+    kind, _, dtype = spec.partition(":")
+    if kind in LIVE:
+        dtype = dtype or ref_dtype
+        if dtype not in PRECISION or (kind == "ref" and dtype == "bfloat16"):
+            raise ValueError(f"{spec!r}: the dtype must be one of {', '.join(PRECISION[kind == 'ref':])}")
+        return Side(spec, kind, dtype)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{spec!r} is neither ref, hf, gpu nor an existing .safetensors trace file")
+    try:
+        saved, metadata = tracing.load_with_metadata(spec)
+    except Exception as error:  # safetensors raises its own error types for a corrupt file
+        raise ValueError(f"{spec} is not a readable safetensors trace: {error}") from None
+    return Side(spec, "file", metadata.get("dtype") or file_dtype(saved), saved, metadata)
+
+
+def file_dtype(saved):
+    """A port's file without a `dtype` in its metadata: the dtype of its floating-point tensors."""
+    floats = {str(v.dtype) for v in saved.values() if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"}
+    return min(floats, key=PRECISION.index) if floats <= set(PRECISION) and floats else "float32"
+
+
+def forwards_of(side, notes):
+    """The Forwards a trace file records; messages say what a port's file should add."""
+    saved, steps = side.trace, []
+    if "inputs.input_ids" not in saved:
+        return None
+    while f"{prefix(len(steps))}inputs.input_ids" in saved:
+        p = prefix(len(steps))
+        ids = np.asarray(saved[p + "inputs.input_ids"], dtype=np.int64)
+        if ids.ndim != 2:
+            raise ValueError(f"{side.label}: {p}inputs.input_ids must be [B, T] token ids, got shape {ids.shape}")
+        if p + "inputs.attention_mask" in saved:
+            mask = np.asarray(saved[p + "inputs.attention_mask"], dtype=np.int64)
+        elif steps:
+            mask = np.concatenate([steps[-1][1], np.ones((ids.shape[0], 1), np.int64)], axis=1)
+        else:
+            notes.append(f"{side.label} has no inputs.attention_mask: assumed all ones (add it, [B, T] int64)")
+            mask = np.ones_like(ids)
+        if p + "inputs.position_ids" in saved:
+            positions = np.asarray(saved[p + "inputs.position_ids"], dtype=np.int64)
+        else:
+            notes.append(f"{side.label} has no {p}inputs.position_ids: assumed positions from the attention mask, "
+                         "cumsum - 1 as generate (add them, [B, T] int64, to be sure)")
+            positions = positions_from_mask(mask)[:, -ids.shape[1]:]
+        steps.append((ids, mask, positions))
+    return Forwards(steps, side.label)
+
+
+def check_same_forwards(a, b):
+    """ValueError when two files ran on different inputs: their tensors cannot be compared."""
+    if len(a.steps) != len(b.steps):
+        raise ValueError(f"different inputs: {a.source} holds {len(a.steps) - 1} decode steps, {b.source} "
+                         f"{len(b.steps) - 1}")
+    for (name, x), y in zip(a.names().items(), b.names().values()):
+        if x.shape != y.shape or not np.array_equal(x, y):
+            raise ValueError(f"different inputs: {name} is {x.shape} in {a.source} and {y.shape} in {b.source}"
+                             f"{'' if x.shape != y.shape else ' with other values'}; compare traces of one input")
+
+
+def run_forwards(model, forwards):
+    """Run `forwards` on a NumPy or GPU model under whatever trace handlers are active: one forward with every
+    logit, or generate's prefill and decode steps with every input forced to the recorded one."""
+    (ids, mask, positions), *decode = forwards.steps
+    if not decode:
+        with tracing.scope(None):
+            ids, mask = tracing.record("inputs.input_ids", ids), tracing.record("inputs.attention_mask", mask)
+            positions = tracing.record("inputs.position_ids", positions)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        return
+    forced = {name: value for name, value in forwards.names().items() if name.startswith("step.")}
+    forced["inputs.position_ids"] = positions  # the prefill's positions are the caller's, not generate's
+    with substitute(forced, strict=False):  # generate stops early if every row of ours meets an eos
+        generate(model, ids, attention_mask=mask, max_new_tokens=len(forwards.steps))
+
+
+def live_trace(side, model, model_dir, forwards):
+    """The trace of a live side (ref, hf, gpu) on `forwards`."""
+    if side.kind == "hf":
         try:
             from .hf_trace import hf_trace
         except ImportError as error:
-            raise ValueError(f"--against hf needs torch and transformers==4.56.2 (make setup-oracle): {error}") \
+            raise ValueError(f"{side.label} needs torch and transformers==4.56.2 (make setup-oracle): {error}") \
                 from None
-        return hf_trace(model_dir, input_ids, attention_mask, dtype)
-    import gpu
-    try:
-        model = gpu.JetMoeForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except gpu.GpuUnavailable as error:
-        raise ValueError(f"--against gpu: {error}") from None
-    return reference_trace(model, input_ids, attention_mask)
+        return Trace(hf_trace(model_dir, forwards.steps, side.dtype))
+    if side.kind == "gpu":
+        import gpu
+        try:
+            model = gpu.JetMoeForCausalLM.from_pretrained(model_dir, dtype=side.dtype)
+        except gpu.GpuUnavailable as error:
+            raise ValueError(f"{side.label}: {error}") from None
+    elif side.dtype != model.dtype.name:
+        model = cli.load(model_dir, side.dtype)[0]
+    with capture() as trace:
+        run_forwards(model, forwards)
+    return trace
 
 
-def load_trace_file(path):
-    """A trace another implementation saved: {name: array}, maybe with the inputs it ran on."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--against {path!r} is neither hf, gpu nor an existing .safetensors trace file")
-    try:
-        return Trace.load(path)
-    except Exception as error:  # safetensors raises its own error types for a corrupt file
-        raise ValueError(f"{path} is not a readable safetensors trace: {error}") from None
+def isolated_trace(model, forwards, other):
+    """The reference's trace where every trace point's input is the other side's: each tensor is recorded as the
+    reference computes it, then replaced by the other side's value (same shape) before the forward goes on."""
+    trace = Trace()
+
+    def isolate(name, value, frame):
+        trace[name] = value.copy()
+        theirs = other.get(name)
+        if theirs is None or tuple(np.shape(theirs)) != tuple(value.shape) or ".inputs." in f".{name}":
+            return value
+        return like(theirs, value, name)
+
+    with handling(isolate):
+        run_forwards(model, forwards)
+    return trace
 
 
-def agreement(name, a, b):
-    """Top-k column: '' for float tensors; for routing choices 'yes', or how many tokens chose other experts."""
-    if not name.endswith("top_k_indices") or np.shape(a) != np.shape(b):
-        return ""
-    differing = int(np.any(np.asarray(a) != np.asarray(b), axis=-1).sum())
-    return "yes" if differing == 0 else f"NO ({differing}/{len(a)} tokens)"
+# ---------------------------------------------------------------------------------------------- the rows
+
+@dataclass
+class Row:
+    name: str
+    shape: object
+    max_abs: float
+    max_rel: float
+    verdict: str
+    worst: dict
+    note: str = ""
+
+    def as_json(self):
+        def number(x):
+            return x if math.isfinite(x) else None
+        return {"name": self.name, "shape": list(self.shape) if isinstance(self.shape, tuple) else self.shape,
+                "max_abs": number(self.max_abs), "max_rel": number(self.max_rel), "verdict": self.verdict,
+                "worst": self.worst, "note": self.note}
 
 
-def comparison_rows(ours, theirs, rtol, atol):
-    """[(Divergence, top-k agreement)] for every name both traces hold, in the reference's forward order."""
-    shared = Trace((name, ours[name]) for name in ours if name in theirs)
-    _, rows = compare(shared, {name: theirs[name] for name in shared}, rtol=rtol, atol=atol)
-    return [(row, agreement(row.name, ours[row.name], theirs[row.name])) for row in rows]
+def axes_of(name, ndim):
+    """Axis names of a trace tensor, for saying where its worst error is (README.md "Trace names" shapes)."""
+    last = name.rsplit(".", 1)[-1]
+    if ".inputs." in f".{name}":
+        axes = ("batch", "token")
+    elif ".router." in name:
+        axes = ("token", "expert") if last == "logits" else ("token", "choice")
+    elif last in ("expert_act", "expert_out"):
+        axes = ("token", "choice", "feature")
+    elif last in ("query", "context"):
+        axes = ("batch", "token", "choice", "feature")
+    elif last in ("key", "value", "key_rope"):
+        axes = ("batch", "kv_head", "token", "dim")
+    elif last == "query_rope":
+        axes = ("batch", "head", "token", "dim")
+    elif last == "probs":
+        axes = ("batch", "head", "query", "key")
+    elif last in ("logits", "pooled_logits"):
+        axes = ("batch", "token", "vocab")[-ndim:] if last == "logits" else ("batch", "class")
+    else:
+        axes = ("batch", "token", "hidden")
+    return axes if len(axes) == ndim else tuple(f"axis{i}" for i in range(ndim))
 
 
-def inputs_for(args, tokenizer, saved):
-    """(input_ids [B, T], attention_mask [B, T]): a saved trace's inputs, else the --prompt texts, left-padded."""
-    if saved is not None and INPUT_NAMES[0] in saved:
-        ids = np.asarray(saved[INPUT_NAMES[0]], dtype=np.int64)
-        mask = np.asarray(saved.get(INPUT_NAMES[1], np.ones_like(ids)), dtype=np.int64)
-        return ids, mask
-    if saved is not None and not args.prompt:
-        raise ValueError("give --prompt (the trace file holds no inputs.input_ids to run on)")
+def near_tie_margin(ours_logits, theirs_logits, ours_idx, theirs_idx):
+    """(tokens whose top-k differs, the largest logit margin among them): at each flipped token, the smallest gap
+    between neighbours among the k+1 largest logits (the choice that flipped), the larger of the two sides'."""
+    flipped = np.flatnonzero(np.any(ours_idx != theirs_idx, axis=1))
+    k = ours_idx.shape[1]
+    margins = []
+    for logits in (ours_logits, theirs_logits):
+        top = -np.sort(-np.asarray(logits, dtype=np.float64)[flipped], axis=1)[:, :k + 1]  # [F, K+1]
+        margins.append(np.min(top[:, :-1] - top[:, 1:], axis=1) if top.shape[1] > 1 else np.zeros(len(flipped)))
+    return flipped, float(np.max(np.maximum(*margins))) if len(flipped) else 0.0
+
+
+def make_rows(names, ours, theirs, rtol, atol, isolated):
+    """Verdicted rows for `names` (in forward order), `ours` against `theirs` (the scale of max rel)."""
+    rows, upstream_bad = [], False
+    for name in names:
+        d = compare_tensor(name, ours[name], theirs[name], rtol, atol)
+        worst = dict(zip(axes_of(name, len(d.worst)), d.worst)) if d.worst else {}
+        note, verdict = "", "ok"
+        if name.endswith("top_k_indices") and d.shape == np.shape(ours[name]):
+            logits_name = name[:-len("top_k_indices")] + "logits"
+            flipped, margin = near_tie_margin(ours[logits_name], theirs[logits_name], ours[name], theirs[name]) \
+                if logits_name in ours and logits_name in theirs else (np.flatnonzero(
+                    np.any(ours[name] != theirs[name], axis=1)), math.inf)
+            if len(flipped):
+                scale = float(np.max(np.abs(np.asarray(theirs.get(logits_name, 0.0), dtype=np.float64))))
+                tie = margin <= atol + rtol * scale
+                note = (f"top-k differs at {len(flipped)}/{len(ours[name])} tokens, logit margin "
+                        f"{margin:.2e} {'<=' if tie else '>'} tolerance {atol + rtol * scale:.2e}")
+                verdict = "near-tie" if tie else "introduced"
+            elif not d.ok:
+                verdict = "introduced"
+        elif not d.ok:
+            verdict = "introduced"
+        if ".inputs." in f".{name}" and verdict != "ok":
+            verdict = "input"
+        elif verdict == "introduced" and upstream_bad and not isolated:
+            verdict = "inherited"
+        if verdict != "ok" and verdict != "input":
+            upstream_bad = True
+        rows.append(Row(name, d.shape, d.max_abs, d.max_rel, verdict, worst, note))
+    return rows
+
+
+def format_table(rows, show_all):
+    """Every row up to the first divergence, then only the rows that are not ok or inherited (--all: every row)."""
+    lines = [f"   {'name':<46} {'shape':<20} {'max abs':>9} {'max rel':>9}  {'verdict':<10} worst / note"]
+    seen_divergence = False
+    for row in rows:
+        bad = row.verdict != "ok"
+        if not show_all and seen_divergence and row.verdict in ("ok", "inherited"):
+            continue
+        mark = ">>" if bad and not seen_divergence else "  "
+        seen_divergence |= bad
+        where = " ".join(f"{axis} {i}" for axis, i in row.worst.items()) if bad else ""
+        lines.append(f"{mark} {row.name:<46} {str(row.shape):<20} {row.max_abs:>9.2e} {row.max_rel:>9.2e}  "
+                     f"{row.verdict:<10} {where}{'; ' if where and row.note else ''}{row.note}".rstrip())
+    return "\n".join(lines)
+
+
+def plot(rows, trace_a, trace_b, path, title):
+    """Max rel error per named tensor along the forward (log axis; introduced rows and near-ties marked), and a
+    layer x token map of routing agreement: the share of each token's top-k choices the two sides share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    routers = [r.name for r in rows if r.name.endswith("top_k_indices")]
+    fig, (errors, routing) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=(3, 2), constrained_layout=True)
+    rel = np.array([r.max_rel if math.isfinite(r.max_rel) else np.nan for r in rows])
+    floor = np.nanmin(rel[rel > 0]) / 10 if np.any(rel > 0) else 1e-18
+    errors.semilogy(np.maximum(np.nan_to_num(rel, nan=floor), floor), lw=0.8, color="0.4")
+    for verdict, color in (("introduced", "red"), ("near-tie", "orange"), ("inherited", "0.7")):
+        at = [i for i, r in enumerate(rows) if r.verdict == verdict]
+        errors.scatter(at, np.maximum(np.nan_to_num(rel[at], nan=floor), floor), s=18, color=color, label=verdict,
+                       zorder=3)
+    errors.set(title=title, xlabel="trace point, in forward order", ylabel="max rel error")
+    errors.legend(loc="upper left")
+    if routers:
+        agree = [np.mean(np.sort(np.asarray(trace_a[n]), axis=1) == np.sort(np.asarray(trace_b[n]), axis=1), axis=1)
+                 if np.shape(trace_a[n]) == np.shape(trace_b[n]) else np.zeros(len(trace_b[n])) for n in routers]
+        width = max(len(a) for a in agree)
+        grid = np.full((len(routers), width), np.nan)
+        for i, a in enumerate(agree):
+            grid[i, :len(a)] = a
+        image = routing.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
+        routing.set_yticks(range(len(routers)), [n.replace(".router.top_k_indices", "") for n in routers],
+                           fontsize=6)
+        routing.set(xlabel="token (N = B*T)", title="routing agreement (share of top-k choices shared)")
+        fig.colorbar(image, ax=routing)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- the commands
+
+def prompt_forwards(args, tokenizer, model):
+    """Forwards from --prompt: one forward, or (--max-new-tokens N) generate's N forwards with greedy tokens."""
     cli.check_prompts(args.prompt)
-    return tokenizer.encode_batch(args.prompt)
+    ids, mask = tokenizer.encode_batch(args.prompt)
+    new_tokens = getattr(args, "max_new_tokens", 0)
+    if not new_tokens:
+        return Forwards([(ids, mask, positions_from_mask(mask))], "--prompt")
+    with capture() as trace:
+        generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens)
+    forwards = forwards_of(Side("--prompt", "file", args.dtype, trace), [])
+    return forwards
+
+
+def writable(path, what):
+    """OSError on a path the user gave -> ValueError naming it (one `error:` line, not a traceback)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ValueError(f"cannot write the {what} {path}: {directory} is not a writable directory")
 
 
 def run_compare(args):
-    model, tokenizer = cli.load(args.model, args.dtype)
-    saved = None if args.against in ("hf", "gpu") else load_trace_file(args.against)
-    ids, mask = inputs_for(args, tokenizer, saved)
-    ours = reference_trace(model, ids, mask)
-    if saved is None:
-        theirs = other_trace(args.against, args.model, ids, mask, cli.DTYPES[args.dtype])
-    else:
-        theirs = {name: value for name, value in saved.items() if name not in INPUT_NAMES}
-    rtol = DEFAULT_RTOL[args.dtype] if args.rtol is None else args.rtol
-    rows = comparison_rows(ours, theirs, rtol, args.atol)
+    a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
+    if args.isolate and "ref" not in (a.kind, b.kind):
+        raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
+    for path, what in ((args.plot, "plot"),):
+        if path:
+            writable(path, what)
+    notes, model, tokenizer = [], None, None
+    files = [s for s in (a, b) if s.kind == "file"]
+    forwards = None
+    for side in files:
+        found = forwards_of(side, notes)
+        if found is None and args.prompt is None:
+            raise ValueError(f"{side.label} holds no inputs.input_ids: add the token ids it ran on "
+                             "(inputs.input_ids [B, T] int64, inputs.attention_mask, inputs.position_ids; "
+                             "`jetmoe debug dump` writes them), or give --prompt")
+        if found is not None and forwards is not None:
+            check_same_forwards(forwards, found)
+        forwards = forwards or found
+        digest = side.metadata.get("config_sha256")
+        if digest and digest != config_sha256(args.model):
+            notes.append(f"{side.label} was made from another config.json (sha256 {digest[:12]}..., "
+                         f"{args.model}'s is {config_sha256(args.model)[:12]}...)")
+    if any(s.kind != "file" for s in (a, b)) or forwards is None:
+        model, tokenizer = cli.load(args.model, args.dtype)
+        forwards = forwards or prompt_forwards(args, tokenizer, model)
+    subject, reference_side = (a, b) if b.kind == "ref" or a.kind != "ref" else (b, a)
+    for side in (a, b):
+        if side.kind != "file" and not (args.isolate and side is reference_side):
+            side.trace = live_trace(side, model, args.model, forwards)
+    if args.isolate:
+        reference_side.trace = isolated_trace(model, forwards, subject.trace)
+    dtype = min((a.dtype, b.dtype), key=PRECISION.index)
+    rtol = DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
+    order = reference_side.trace if reference_side.kind == "ref" else a.trace  # the forward's order
+    names = [n for n in order if n in a.trace and n in b.trace and (args.only is None or
+                                                                    fnmatch.fnmatchcase(n, args.only))]
+    rows = make_rows(names, a.trace, b.trace, rtol, args.atol, args.isolate)
     if not rows:
-        raise ValueError(f"the reference trace and {args.against} share no tensor names (see README.md "
-                         "'Trace names')")
-    first = next((row for row, _ in rows if not row.ok), None)
-    print(f"reference ({args.dtype}) vs {args.against} on input_ids {ids.shape}, rtol {rtol:g}, atol {args.atol:g}")
-    print(format_rows([row for row, _ in rows], notes=[agrees for _, agrees in rows], stop_at_first=not args.all))
-    only_ours = [name for name in ours if name not in theirs]
-    if only_ours:
-        print(f"\n{len(only_ours)} reference tensors have no counterpart in {args.against} (not compared), "
-              f"e.g. {', '.join(only_ours[:3])}")
+        raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
+                         "(see README.md 'Trace names')")
+    if args.plot:
+        plot(rows, a.trace, b.trace, args.plot, f"{a.label} vs {b.label}{' (--isolate)' if args.isolate else ''}")
+    counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
+    failed = counts["introduced"] + counts["inherited"] > 0
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_json()))
+        return int(failed)
+    steps = len(forwards.steps) - 1
+    print(f"{a.label} ({a.dtype}) vs {b.label} ({b.dtype}) on input_ids {forwards.steps[0][0].shape}"
+          f"{f' and {steps} decode steps' if steps else ''}, rtol {rtol:g}, atol {args.atol:g}"
+          f"{', isolated' if args.isolate else ''}")
+    for note in notes:
+        print(f"note: {note}")
+    print(format_table(rows, args.all))
+    unmatched = [n for n in list(a.trace) + list(b.trace) if n not in a.trace or n not in b.trace]
+    if unmatched:
+        print(f"\n{len(unmatched)} tensors are in only one trace (not compared), e.g. {', '.join(unmatched[:3])}")
+    print("\n" + ", ".join(f"{v} {n}" for v, n in counts.items() if n) + f" (of {len(rows)} tensors)")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
     if first is None:
-        print(f"\nno divergence: all {len(rows)} shared tensors agree")
+        print(f"no divergence: all {len(rows)} shared tensors agree")
         return 0
-    print(f"\nfirst divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e}); "
-          f"{sum(not row.ok for row, _ in rows)} of {len(rows)} tensors diverge"
-          f"{'' if args.all else ' (--all lists them all)'}")
-    return 1
+    introduced = [r.name for r in rows if r.verdict == "introduced"]
+    print(f"first divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e})")
+    if introduced:
+        print(f"introduced here: {', '.join(introduced[:12])}{' ...' if len(introduced) > 12 else ''}")
+    if counts["inherited"]:
+        print("rows after the first divergence inherit its error: --isolate checks each op on its own")
+    return int(failed)
 
 
 def run_dump(args):
+    writable(args.out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype)
-    ids, mask = inputs_for(args, tokenizer, None)
-    trace = reference_trace(model, ids, mask)
-    trace[INPUT_NAMES[0]], trace[INPUT_NAMES[1]] = ids, mask
-    trace.save(args.out)
-    print(f"wrote {len(trace) - 2} tensors and the inputs {ids.shape} to {args.out}")
+    cli.check_prompts(args.prompt)
+    ids, mask = tokenizer.encode_batch(args.prompt)
+    metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
+    with TraceWriter(args.out, metadata) as writer, handling(writer):
+        if args.max_new_tokens:
+            generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
+        else:
+            run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "--prompt"))
+    steps = max(args.max_new_tokens - 1, 0)
+    print(f"wrote {len(writer)} tensors of input_ids {ids.shape}{f' and {steps} decode steps' if steps else ''}"
+          f" to {args.out}")
+    return 0
+
+
+def run_step(args):
+    model, tokenizer = cli.load(args.model, args.dtype)
+    cli.check_prompts(args.prompt)
+    ids, mask = tokenizer.encode_batch(args.prompt)
+    matched = []
+
+    def stop(name, value, frame):
+        matched.append(name)
+        return tracing.pdb_at(name, value, frame)
+
+    try:
+        with tracing.breakpoint(args.break_at, callback=stop):
+            if args.max_new_tokens:
+                generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
+            else:
+                run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "--prompt"))
+    except bdb.BdbQuit:
+        print(f"quit at {matched[-1]}")
+        return 0
+    if not matched:
+        raise ValueError(f"no trace point matched --break {args.break_at!r} (README.md 'Trace names')")
+    print(f"done: stopped at {len(matched)} trace points")
     return 0
 
 
 def add_arguments(parser):
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text, run in [("compare", "compare every intermediate with another implementation", run_compare),
-                            ("dump", "write the reference trace (and its inputs) to safetensors", run_dump)]:
-        sub = commands.add_parser(name, help=text, description=text)
+    texts = {"compare": "compare every named tensor of two implementations (trace files, ref, hf, gpu)",
+             "dump": "write the reference trace, with its inputs, to safetensors (layer by layer)",
+             "step": "stop in pdb at each trace point matching --break"}
+    for name, run in (("compare", run_compare), ("dump", run_dump), ("step", run_step)):
+        sub = commands.add_parser(name, help=texts[name], description=texts[name])
         sub.add_argument("model", help="a Hugging Face JetMoE directory (config.json, weights, tokenizer.json)")
-        sub.add_argument("--prompt", action="append", help="input text; repeat for a left-padded batch")
-        sub.add_argument("--dtype", choices=sorted(cli.DTYPES), default="float32", help="default float32")
         if name == "compare":
-            sub.add_argument("--against", default="hf", help="hf (default), gpu, or a .safetensors trace file")
-            sub.add_argument("--rtol", type=cli.non_negative_float, default=None,
-                             help=f"relative tolerance (default {DEFAULT_RTOL['float32']:g} in float32, "
-                                  f"{DEFAULT_RTOL['float64']:g} in float64)")
-            sub.add_argument("--atol", type=cli.non_negative_float, default=0.0, help="absolute tolerance")
-            sub.add_argument("--all", action="store_true", help="print every row, not just up to the first "
-                                                                "divergence")
+            sub.add_argument("a", metavar="A", help="a .safetensors trace file, or ref, hf[:bfloat16], gpu[:bfloat16]")
+            sub.add_argument("b", metavar="B", nargs="?", default="ref", help="the same kinds (default ref)")
+        sub.add_argument("--prompt", action="append", help="input text; repeat for a left-padded batch")
+        sub.add_argument("--dtype", choices=sorted(cli.DTYPES), default="float32",
+                         help="the reference's dtype (default float32)")
+        if name != "compare":
+            sub.add_argument("--max-new-tokens", type=cli.non_negative_int, default=0,
+                             help="run generate: the prefill, then step.{i}. names for each decode step")
         else:
+            sub.add_argument("--max-new-tokens", type=cli.non_negative_int, default=0,
+                             help="without a file: compare generate's decode steps too")
+            sub.add_argument("--isolate", action="store_true",
+                             help="recompute each tensor from the other side's upstream tensors: each op's own error")
+            sub.add_argument("--only", metavar="GLOB", help="compare only the names matching GLOB")
+            sub.add_argument("--rtol", type=cli.non_negative_float, default=None,
+                             help="relative tolerance (default: " + ", ".join(
+                                 f"{v:g} in {k}" for k, v in DEFAULT_RTOL.items()) + "; the less precise side's)")
+            sub.add_argument("--atol", type=cli.non_negative_float, default=0.0, help="absolute tolerance")
+            sub.add_argument("--all", action="store_true", help="print every row")
+            sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
+            sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+        if name == "dump":
             sub.add_argument("--out", required=True, help="the .safetensors file to write")
+        if name == "step":
+            sub.add_argument("--break", dest="break_at", required=True, metavar="GLOB",
+                             help="trace names to stop at, e.g. 'layers.1.mlp.*'")
         sub.set_defaults(run=run)

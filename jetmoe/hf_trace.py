@@ -12,6 +12,7 @@ import contextlib
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
 from . import hf_oracle
@@ -45,9 +46,10 @@ def _ungroup(grouped, index_sorted, shape):
 
 @contextlib.contextmanager
 def recording(model):
-    """with recording(hf_causal_lm) as trace: hf_causal_lm(...)  ->  {reference trace name: float64/int64 array}."""
+    """with recording(hf_causal_lm) as (trace, state): hf_causal_lm(...)  ->  {reference trace name: float64/int64
+    array}; set state["prefix"] = "step.{i}." before a decode step's forward."""
     trace = {}
-    state = {}  # the layer being run and the routing of its two routers (needed to ungroup expert tensors)
+    state = {"prefix": ""}  # the step, the layer being run and the routing of its routers (to ungroup expert tensors)
     config = model.config
     k, heads, head_dim = config.num_experts_per_tok, config.num_key_value_heads, config.kv_channels
     handles = []
@@ -63,7 +65,7 @@ def recording(model):
         handles.append(register(on_output if kind == "output" else on_input))
 
     def record(name, value):
-        trace[f"layers.{state['layer']}.{name}" if name[0] != "/" else name[1:]] = _np(value)
+        trace[state["prefix"] + (f"layers.{state['layer']}.{name}" if name[0] != "/" else name[1:])] = _np(value)
 
     hook(model.model.embed_tokens, lambda i, o: record("/embed_tokens", o))
     for index, layer in enumerate(model.model.layers):
@@ -85,7 +87,7 @@ def recording(model):
         hook(mlp.router, router("mlp"))
 
         def query(i, o):  # [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
-            shape = trace[f"layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
+            shape = trace[f"{state['prefix']}layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
             record("attention.query", _ungroup(o, state["attention"], shape))
         hook(moa.input_linear, query)
 
@@ -96,7 +98,7 @@ def recording(model):
         hook(attention.kv_proj, key_value)
 
         def context(i, o):  # output_linear's input: [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
-            shape = trace[f"layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
+            shape = trace[f"{state['prefix']}layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
             record("attention.context", _ungroup(i[0], state["attention"], shape))
         hook(moa.output_linear, context, kind="input")
 
@@ -129,24 +131,31 @@ def recording(model):
 
     hf.apply_rotary_pos_emb = rope
     try:
-        yield trace
+        yield trace, state
     finally:
         hf.apply_rotary_pos_emb = original_rope
         for handle in handles:
             handle.remove()
 
 
-def hf_trace(model_dir, input_ids, attention_mask=None, dtype=np.float32, model=None):
-    """{name: array} of HF's forward on input_ids [B, T] (eager attention, output_attentions=True), in the
-    reference's forward order. float64 runs HF under hf_oracle.float64_precision(), as the goldens do."""
-    torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+def hf_trace(model_dir, forwards, dtype=np.float32, model=None):
+    """{name: array} of HF on `forwards`, in the reference's forward order: [(input_ids [B, T], attention_mask
+    [B, S], position_ids [B, T])], one forward (use_cache=False, every logit) or generate's prefill and decode steps
+    (one DynamicCache, logits_to_keep=1 as generate, decode step i's names prefixed `step.{i}.`). Eager attention,
+    output_attentions=True; float64 runs under hf_oracle.float64_precision(), as the goldens do; bfloat16 is HF's
+    own bf16 (a real port nobody here wrote)."""
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype]
     model = model if model is not None else hf_oracle.load_hf(model_dir, torch_dtype)
     precision = hf_oracle.float64_precision() if torch_dtype == torch.float64 else contextlib.nullcontext()
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-    positions = None if mask is None else hf_oracle.hf_generation_positions(mask)
-    with precision, torch.no_grad(), recording(model) as trace:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True,
-                    use_cache=False)
-        trace["logits"] = _np(out.logits)
+    decoding = len(forwards) > 1
+    cache = DynamicCache() if decoding else None
+    with precision, torch.no_grad(), recording(model) as (trace, state):
+        for step, arrays in enumerate(forwards):
+            state["prefix"] = f"step.{step}." if step else ""
+            ids, mask, positions = (torch.as_tensor(np.asarray(a), dtype=torch.long) for a in arrays)
+            for name, value in zip(("input_ids", "attention_mask", "position_ids"), (ids, mask, positions)):
+                trace[f"{state['prefix']}inputs.{name}"] = _np(value)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True,
+                        past_key_values=cache, use_cache=decoding, logits_to_keep=1 if decoding else 0)
+            trace[f"{state['prefix']}logits"] = _np(out.logits)
     return trace

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import trace
-from .experts import combine, grouped_linear, ungroup
+from .experts import combine, group, grouped_linear, ungroup
 from .precision import compute_dtype
 from .rope import apply_rope
 from .routing import softmax, top_k_gating
@@ -43,8 +43,7 @@ def moa_map(x2d, plan, query_weights):
 
 def moa_reduce(context, plan, output_weights, bias):
     # context: [N, K, H*Dh], output_weights: [E, D, H*Dh], bias: [D] -> [N, D]
-    grouped = context.reshape(-1, context.shape[-1])[plan.sorted_slots]  # [N*K, H*Dh]
-    return combine(ungroup(grouped_linear(grouped, output_weights, plan), plan), plan.top_k_gates, bias)
+    return combine(ungroup(grouped_linear(group(context, plan), output_weights, plan), plan), plan.top_k_gates, bias)
 
 
 def attention_probs(q, k, mask):
@@ -72,23 +71,18 @@ def moa(x, w, cos, sin, mask, cache, layer_idx, config):
     with trace.scope("router"):
         plan = top_k_gating(x2d, w.router, top_k)
     query = moa_map(x2d, plan, w.input_linear)  # [N, K, H*Dh]
+    query = trace.record("query", query.reshape(batch, tokens, top_k, heads * head_dim))  # [B, T, K, H*Dh]
     q = query.reshape(batch, tokens, top_k, heads, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, H, T, Dh]
     kv = linear(x2d, w.kv_proj)  # [N, 2*H*Dh]: keys then values (HF chunk(2, dim=-1))
     k, v = (part.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
             for part in np.split(kv, 2, axis=-1))
-    trace.record("query", query.reshape(batch, tokens, top_k, heads * head_dim))
-    trace.record("key", k)
-    trace.record("value", v)
-    q = apply_rope(q.reshape(batch, top_k * heads, tokens, head_dim), cos, sin)  # [B, K*H, T, Dh]
-    k = apply_rope(k, cos, sin)  # [B, H, T, Dh]
-    trace.record("query_rope", q)
-    trace.record("key_rope", k)
+    k, v = trace.record("key", k), trace.record("value", v)
+    q = trace.record("query_rope", apply_rope(q.reshape(batch, top_k * heads, tokens, head_dim), cos, sin))
+    k = trace.record("key_rope", apply_rope(k, cos, sin))  # q: [B, K*H, T, Dh], k: [B, H, T, Dh]
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # [B, H, S, Dh]: cached keys are stored after RoPE, as in HF
     probs = attention_probs(q.reshape(batch, top_k, heads, tokens, head_dim), k, mask)  # [B, K*H, T, S]
-    trace.record("probs", probs)
-    context = attend(probs, v, top_k)  # [B, T, K, H*Dh]
-    trace.record("context", context)
+    probs = trace.record("probs", probs)
+    context = trace.record("context", attend(probs, v, top_k))  # [B, T, K, H*Dh]
     y = moa_reduce(context.reshape(batch * tokens, top_k, heads * head_dim), plan, w.output_linear, w.bias)
-    trace.record("output", y.reshape(batch, tokens, hidden))
-    return y.reshape(batch, tokens, hidden), probs, plan.logits
+    return trace.record("output", y.reshape(batch, tokens, hidden)), probs, plan.logits

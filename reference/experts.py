@@ -32,6 +32,11 @@ def ungroup(grouped_y, plan):
     return slot_y.reshape(-1, plan.top_k, grouped_y.shape[-1])
 
 
+def group(slot_x, plan):
+    # slot_x: [N, K, in] in slot order -> [N*K, in] in grouped order (the inverse of ungroup)
+    return slot_x.reshape(-1, slot_x.shape[-1])[plan.sorted_slots]
+
+
 def combine(slot_y, gates, bias):
     # slot_y: [N, K, out], gates: [N, K], bias: [out] -> [N, out]
     # A fixed-order sum over k, so the result is deterministic (HF's index_add gives the same sum for K=2).
@@ -58,9 +63,7 @@ def moe(x, w, top_k):
         plan = top_k_gating(x2d, w.router, top_k)
     grouped_x = x2d[plan.sorted_tokens]  # [N*K, D]
     act = swiglu(grouped_linear(grouped_x, w.input_linear, plan))  # [N*K, F]
-    trace.record("expert_act", lambda: ungroup(act, plan))  # [N, K, F]
-    slot_y = ungroup(grouped_linear(act, w.output_linear, plan), plan)  # [N, K, D]
-    trace.record("expert_out", slot_y)
+    act = trace.record_view("expert_act", act, lambda a: ungroup(a, plan), lambda a: group(a, plan))  # [N, K, F]
+    slot_y = trace.record("expert_out", ungroup(grouped_linear(act, w.output_linear, plan), plan))  # [N, K, D]
     y = combine(slot_y, plan.top_k_gates, w.bias)  # [N, D]
-    trace.record("output", y.reshape(batch, tokens, hidden))
-    return y.reshape(batch, tokens, hidden), plan.logits
+    return trace.record("output", y.reshape(batch, tokens, hidden)), plan.logits

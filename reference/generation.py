@@ -15,6 +15,7 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 
 import numpy as np
 
+from . import trace
 from .precision import compute_dtype
 from .routing import softmax
 from .trace import to_numpy
@@ -106,10 +107,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     cache = model.new_cache(batch, capacity=prompt_len + max_new_tokens)
     unfinished = np.ones(batch, dtype=bool)
     step_ids = tokens
-    for _ in range(max_new_tokens):
-        positions = positions_from_mask(mask)[:, -step_ids.shape[1]:]  # [B, T_step]
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+    for step in range(max_new_tokens):
+        with trace.step_scope(step):  # traced: the prefill's names, then step.{i}. for decoded token i
+            step_ids, mask = trace.record("inputs.input_ids", step_ids), trace.record("inputs.attention_mask", mask)
+            positions = trace.record("inputs.position_ids", positions_from_mask(mask)[:, -step_ids.shape[1]:])
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
         if do_sample:  # on the host: the GPU twin copies [B, V] logits here, greedy only [B] ids
             probabilities = sampling_probabilities(to_numpy(out.logits[:, -1]), temperature, top_k, top_p)
             next_tokens = sample(probabilities, rng)  # [B]

@@ -28,18 +28,15 @@ from .weights import linear
 
 def block(h, w, cos, sin, mask, cache, layer_idx, config):
     # h: [B, T, D] -> h [B, T, D], attention probs [B, K*H, T, S], router logits (attention [N, E], mlp [N, E])
-    x = rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS)
-    trace.record("input_layernorm", x)
+    # Every trace point hands on the value the forward continues with (reference/trace.py).
+    x = trace.record("input_layernorm", rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS))
     with trace.scope("attention"):
         attn_out, probs, attn_logits = moa(x, w.attention, cos, sin, mask, cache, layer_idx, config)
-    h = h + attn_out
-    trace.record("post_attention_residual", h)
-    x = rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS)
-    trace.record("post_attention_layernorm", x)
+    h = trace.record("post_attention_residual", h + attn_out)
+    x = trace.record("post_attention_layernorm", rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS))
     with trace.scope("mlp"):
         mlp_out, mlp_logits = moe(x, w.mlp, config.num_experts_per_tok)
-    h = h + mlp_out
-    trace.record("output", h)
+    h = trace.record("output", h + mlp_out)
     return h, probs, (attn_logits, mlp_logits)
 
 
@@ -71,7 +68,7 @@ class JetMoeModel(Pretrained):
         num_keys = tokens + (cache.get_seq_length() if cache is not None else 0)
         mask = additive_mask(attention_mask, cache_position, num_keys, self.dtype)  # [B|1, 1, T, S]
         cos, sin = cos_sin(position_ids, config.kv_channels, config.rope_theta, self.dtype)  # [B|1, T, Dh]
-        trace.record("embed_tokens", h)
+        h = trace.record("embed_tokens", h)
         hidden_states, attentions, router_logits = [], [], []
         for i, w in enumerate(self.layers):
             hidden_states.append(h)
@@ -79,8 +76,7 @@ class JetMoeModel(Pretrained):
                 h, probs, logits = block(h, w, cos, sin, mask, cache, i, config)
             attentions.append(probs)
             router_logits.extend(logits)
-        h = rms_norm(h, self.norm, config.rms_norm_eps)  # the only norm that uses config.rms_norm_eps
-        trace.record("norm", h)
+        h = trace.record("norm", rms_norm(h, self.norm, config.rms_norm_eps))  # the only norm using rms_norm_eps
         hidden_states.append(h)
         return MoeModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache,
@@ -131,8 +127,7 @@ class JetMoeForCausalLM(Pretrained):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h  # 0 keeps all, as HF's slice(-0, None)
         else:
             kept = h[:, int_array("logits_to_keep", logits_to_keep, 1)]
-        logits = linear(kept, self.lm_head)  # [B, T_kept, V]
-        trace.record("logits", logits)
+        logits = trace.record("logits", linear(kept, self.lm_head))  # [B, T_kept, V]
         loss, aux_loss = causal_lm_losses(config, logits, labels, out.router_logits, attention_mask, h.shape[:2])
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states,
@@ -166,7 +161,7 @@ class JetMoeForSequenceClassification(Pretrained):
         logits = linear(out.last_hidden_state, self.score)  # [B, T, C]
         batch = logits.shape[0]
         pooled = logits[np.arange(batch), pooling_positions(config, input_ids, batch)]  # [B, C]
-        trace.record("pooled_logits", pooled)
+        pooled = trace.record("pooled_logits", pooled)
         loss = None if labels is None else classification_loss(config, pooled, labels)
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                                                 hidden_states=out.hidden_states, attentions=out.attentions)

@@ -65,19 +65,23 @@ def top_k_gating(x, router_weight, top_k):
     return plan_from_logits(logits, top_k, x.dtype)
 
 
+def top_k_gates_of(logits, top_k_indices, gate_dtype):
+    # logits: [N, E], top_k_indices: [N, K] -> [N, K]: softmax over only the chosen k logits (HF JetMoeTopKGating)
+    top_k_logits = np.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
+    return softmax(top_k_logits, axis=1).astype(gate_dtype, copy=False)
+
+
 def plan_from_logits(logits, top_k, gate_dtype):
     # logits: [N, E] float32 or better -> RoutingPlan, gates cast to gate_dtype (HF: .type_as(hidden_states))
+    # Each step reads the previous one's trace point, so a substituted choice carries on (jetmoe debug --isolate).
     num_experts = logits.shape[1]
-    top_k_indices = top_k_of(logits, top_k)  # [N, K]
-    top_k_logits = np.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
-    top_k_gates = softmax(top_k_logits, axis=1).astype(gate_dtype, copy=False)  # [N, K]
+    logits = trace.record("logits", logits)
+    top_k_indices = trace.record("top_k_indices", top_k_of(logits, top_k))  # [N, K]
+    top_k_gates = trace.record("top_k_gates", top_k_gates_of(logits, top_k_indices, gate_dtype))  # [N, K]
     flat_experts = top_k_indices.reshape(-1)  # [N*K]
     sorted_slots = np.argsort(flat_experts, kind="stable")  # [N*K]
     counts = np.bincount(flat_experts, minlength=num_experts)  # [E]
     expert_offsets = np.concatenate([[0], np.cumsum(counts)])  # [E+1]
-    trace.record("logits", logits)
-    trace.record("top_k_indices", top_k_indices)
-    trace.record("top_k_gates", top_k_gates)
     return RoutingPlan(logits, top_k_indices, top_k_gates, sorted_slots, expert_offsets)
 
 

@@ -1,20 +1,39 @@
-"""Ports with an injected bug, for the debugger tests (tests/tools/test_debug.py, and against HF in
-tests/oracle/test_bundled_oracle.py): the reference with one function swapped for a classic mistake, its trace
-saved with its inputs as a port in another language would save it.
+"""Ports with injected bugs, for the debugger tests (tests/tools/test_debug.py, and against HF in
+tests/oracle/test_bundled_oracle.py): the reference with functions swapped for classic mistakes, its trace
+written by `jetmoe debug dump` as a port in another language would write it under our names.
+
+Each bug is a patch (module, attribute, replacement) applied while the port runs. Bugs that should hit one layer
+only recognise it by the weights they are called with, as a port's bug might live in one code path.
 """
 
+import contextlib
 import math
 
 import numpy as np
 
 import reference.attention
+import reference.experts
 import reference.model
-from jetmoe.debug import INPUT_NAMES, reference_trace
+import reference.routing
+import jetmoe.cli
+from jetmoe.cli import main
 from reference import JetMoeForCausalLM
 from reference.routing import softmax
-from reference.tokenizer import Tokenizer
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?"]
+
+
+@contextlib.contextmanager
+def patched(*patches):
+    """Apply (module, attribute, value) patches for the block, then restore the originals."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def attention_probs_repeat_interleave(q, k, mask):
@@ -26,21 +45,89 @@ def attention_probs_repeat_interleave(q, k, mask):
     return softmax(scores + mask)
 
 
-def port_trace(path, model_dir, dtype=np.float32, **bugs):
-    """Save the trace of the reference with `bugs` ({attribute of reference.attention / reference.model: value})
-    patched in, plus its inputs, as a port in another language would write it."""
-    model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    ids, mask = Tokenizer.from_pretrained(model_dir).encode_batch(PROMPTS)
-    saved = {}
-    for name, value in bugs.items():
-        module = reference.attention if hasattr(reference.attention, name) else reference.model
-        saved[name] = (module, getattr(module, name))
-        setattr(module, name, value)
-    try:
-        trace = reference_trace(model, ids, mask)
-    finally:
-        for name, (module, value) in saved.items():
-            setattr(module, name, value)
-    trace[INPUT_NAMES[0]], trace[INPUT_NAMES[1]] = ids, mask
-    trace.save(str(path))
+def repeat_interleave_bug():
+    return [(reference.attention, "attention_probs", attention_probs_repeat_interleave)]
+
+
+def block_norm_eps_bug(eps):
+    """The block norms given config.rms_norm_eps (HF hard-codes 1e-6 there)."""
+    return [(reference.model, "BLOCK_NORM_EPS", eps)]
+
+
+def gates_over_all_experts(logits, top_k_indices, gate_dtype):
+    # logits: [N, E], top_k_indices: [N, K] -> [N, K]: softmax over all E, then the chosen k (HF: over the k only)
+    return np.take_along_axis(softmax(logits, axis=1), top_k_indices, axis=1).astype(gate_dtype)
+
+
+def gate_bug(model, layer):
+    """The MoE router of `layer` normalises its gates over all E experts."""
+    original = reference.experts.top_k_gating
+    router = model.model.layers[layer].mlp.router
+
+    def top_k_gating(x, router_weight, top_k):
+        if router_weight is not router:
+            return original(x, router_weight, top_k)
+        with patched((reference.routing, "top_k_gates_of", gates_over_all_experts)):
+            return original(x, router_weight, top_k)
+    return [(reference.experts, "top_k_gating", top_k_gating)]
+
+
+def apply_rope_interleaved(x, cos, sin):
+    # x: [B, heads, T, Dh], cos/sin: [B, T, Dh] (HF's halves layout) -> [B, heads, T, Dh]: GPT-J's pairs
+    # (x[2i], x[2i+1]) rotated by frequency i, where HF rotates (x[i], x[i + Dh/2])
+    half = x.shape[-1] // 2
+    cos, sin = (np.repeat(c[..., :half], 2, axis=-1)[:, None] for c in (cos, sin))  # [B, 1, T, Dh]
+    rotated = np.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
+def interleaved_rope_bug(layer):
+    """Interleaved (GPT-J) RoPE in one layer's attention."""
+    original = reference.model.moa
+
+    def moa(x, w, cos, sin, mask, cache, layer_idx, config):
+        if layer_idx != layer:
+            return original(x, w, cos, sin, mask, cache, layer_idx, config)
+        with patched((reference.attention, "apply_rope", apply_rope_interleaved)):
+            return original(x, w, cos, sin, mask, cache, layer_idx, config)
+    return [(reference.model, "moa", moa)]
+
+
+def final_norm_eps_bug(model, eps):
+    """The final norm with the wrong eps (the block norms keep theirs)."""
+    original = reference.model.rms_norm
+
+    def rms_norm(x, weight, norm_eps):
+        return original(x, weight, eps if weight is model.model.norm else norm_eps)
+    return [(reference.model, "rms_norm", rms_norm)]
+
+
+def decode_cache_position_bug():
+    """cache_position one short in decode steps only (the prefill is right): the newest key is masked out."""
+    original = reference.model.check_inputs
+
+    def check_inputs(config, *args, **kwargs):
+        checked = original(config, *args, **kwargs)
+        cache = args[-1] if args else kwargs.get("cache")
+        if cache is None or cache.get_seq_length() == 0:
+            return checked
+        return (*checked[:4], checked[4] - 1)
+    return [(reference.model, "check_inputs", check_inputs)]
+
+
+def port_trace(path, model_dir, patches=(), dtype="float32", max_new_tokens=0, prompts=PROMPTS):
+    """Dump the trace of the reference with `patches` (a list, or a function of the loaded model that returns one)
+    applied, as a port would write it; returns the path."""
+    model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=np.dtype(dtype))
+    patches = patches(model) if callable(patches) else patches
+    argv = ["debug", "dump", str(model_dir), "--out", str(path), "--dtype", dtype,
+            "--max-new-tokens", str(max_new_tokens)]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+
+    class Loaded:  # the dump must run the very model the weight-keyed patches know
+        from_pretrained = staticmethod(lambda *args, **kwargs: model)
+
+    with patched(*patches, (jetmoe.cli, "JetMoeForCausalLM", Loaded)):
+        assert main(argv) == 0
     return str(path)
