@@ -2,7 +2,7 @@
 
     jetmoe generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:"
     jetmoe evaluate --model MODEL --text-file build/corpus/validation.txt --context 256
-    jetmoe debug compare MODEL --prompt "ROMEO:" --against hf
+    jetmoe debug compare MODEL hf --prompt "ROMEO:"
     jetmoe debug dump MODEL --prompt "ROMEO:" --out trace.safetensors
 
 `python -m jetmoe` is the same command. This module also holds what the tools share: loading a model directory

@@ -19,7 +19,7 @@ from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import JetMoeConfig
 from .model import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
-from .trace import Trace, capture, compare
+from .trace import Trace, breakpoint, capture, compare, steps, substitute
 
 __all__ = ["JetMoeConfig", "JetMoeModel", "JetMoeForCausalLM", "JetMoeForSequenceClassification", "KVCache",
-           "CheckpointError", "Trace", "capture", "compare"]
+           "CheckpointError", "Trace", "capture", "compare", "breakpoint", "substitute", "steps"]

@@ -377,3 +377,19 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0):
     rows += [Divergence(n, "missing in trace_a", float("nan"), float("nan"), False) for n in trace_b if n not in trace_a]
     first = next((r for r in rows if not r.ok), None)
     return first, rows
+
+
+def format_rows(rows, stop_at_first=False):
+    """A plain-text table of compare() rows, the first failing row marked with '>>' and its worst index shown;
+    stop_at_first ends the table there. (`jetmoe debug compare` prints a richer one, with verdicts.)"""
+    lines = [f"   {'name':<52} {'shape':<22} {'max abs':>10} {'max rel':>10}"]
+    marked = False
+    for r in rows:
+        mark = "  "
+        if not r.ok and not marked:
+            mark, marked = ">>", True
+        lines.append(f"{mark} {r.name:<52} {str(r.shape):<22} {r.max_abs:>10.3e} {r.max_rel:>10.3e}"
+                     f"{'' if r.ok else f'  DIVERGES, worst at {r.worst}'}")
+        if marked and stop_at_first:
+            break
+    return "\n".join(lines)
