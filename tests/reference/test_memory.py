@@ -61,3 +61,42 @@ def test_mapped_weights_stay_within_the_active_bytes(cut, tmp_path, seed):
     assert converted["own_bytes"] > bound  # control: the measurement sees a model converted at load
     np.testing.assert_array_equal(mapped_out["logits"], converted_out["logits"])  # bit for bit
     np.testing.assert_array_equal(mapped_out["tokens"], converted_out["tokens"])
+
+
+DEBUG_CHILD = r"""
+import json, sys
+import numpy as np
+from jetmoe.cli import PeakMemory, status_bytes
+from jetmoe.debug import Side, forwards_of, isolated_trace
+from reference import JetMoeForCausalLM
+from reference.generation import generate
+from reference.trace import TraceWriter, handling, load_with_metadata
+path, out = sys.argv[1], sys.argv[2]
+model = JetMoeForCausalLM.from_pretrained(path, max_memory=64 << 20)  # mapped, as the full 8B is
+ids = np.random.default_rng(int(sys.argv[3])).integers(0, model.config.vocab_size, size=(1, 12))
+before = status_bytes("RssAnon")
+with PeakMemory() as peak:
+    with TraceWriter(out) as writer, handling(writer):  # `jetmoe debug dump --max-new-tokens 4`
+        generate(model, ids, max_new_tokens=4)
+    saved = load_with_metadata(out)[0]
+    isolated = isolated_trace(model, forwards_of(Side(out, "file", "float32", saved), []), saved)  # --isolate
+worst = max(float(np.max(np.abs(isolated[n].astype(np.float64) - saved[n]))) for n in saved)
+print(json.dumps({"own_bytes": peak.anon - before, "tensors": len(saved), "worst": worst,
+                  "trace_bytes": sum(v.nbytes for v in saved.values())}))
+"""
+
+
+def test_debug_dump_and_isolate_stay_within_the_active_bytes(cut, tmp_path, seed):
+    """`jetmoe debug` on the mapped 8B layout: a dump with decode steps, written as the forward goes, then an
+    isolated comparison of that file, stay below one token's active weights in float32; the isolated reference
+    reproduces its own dump exactly."""
+    config = JetMoeConfig.from_pretrained(cut)
+    bound = 4 * sum(active_parameters(config).values())
+    done = subprocess.run([sys.executable, "-c", DEBUG_CHILD, cut, str(tmp_path / "trace.safetensors"), str(seed)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    print(f"debug peak own memory {result['own_bytes'] / 2**20:.0f} MiB for {result['tensors']} tensors "
+          f"({result['trace_bytes'] / 2**20:.0f} MiB), bound {bound / 2**20:.0f} MiB")
+    assert result["tensors"] == 4 * (3 + 21 + 3) and result["worst"] == 0.0  # 4 forwards: inputs, layer, ends
+    assert result["own_bytes"] < bound
