@@ -89,8 +89,9 @@ def parse_side(spec, ref_dtype):
     kind, _, dtype = spec.partition(":")
     if kind in LIVE:
         dtype = dtype or ref_dtype
-        if dtype not in PRECISION or (kind == "ref" and dtype == "bfloat16"):
-            raise ValueError(f"{spec!r}: the dtype must be one of {', '.join(PRECISION[kind == 'ref':])}")
+        allowed = {"ref": ("float32", "float64"), "hf": PRECISION, "gpu": ("bfloat16", "float32")}[kind]
+        if dtype not in allowed:
+            raise ValueError(f"{spec!r}: the dtype must be one of {', '.join(allowed)}")
         return Side(spec, kind, dtype)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{spec!r} is neither ref, hf, gpu nor an existing .safetensors trace file")
@@ -343,13 +344,11 @@ def prompt_forwards(args, tokenizer, model):
     """Forwards from --prompt: one forward, or (--max-new-tokens N) generate's N forwards with greedy tokens."""
     cli.check_prompts(args.prompt)
     ids, mask = tokenizer.encode_batch(args.prompt)
-    new_tokens = getattr(args, "max_new_tokens", 0)
-    if not new_tokens:
+    if args.max_new_tokens <= 1:  # one forward (generate's single prefill would keep only the last logits)
         return Forwards([(ids, mask, positions_from_mask(mask))], "--prompt")
     with capture() as trace:
-        generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens)
-    forwards = forwards_of(Side("--prompt", "file", args.dtype, trace), [])
-    return forwards
+        generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
+    return forwards_of(Side("--prompt", "file", args.dtype, trace), [])
 
 
 def writable(path, what):
@@ -363,9 +362,8 @@ def run_compare(args):
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
-    for path, what in ((args.plot, "plot"),):
-        if path:
-            writable(path, what)
+    if args.plot:
+        writable(args.plot, "plot")
     notes, model, tokenizer = [], None, None
     files = [s for s in (a, b) if s.kind == "file"]
     forwards = None
@@ -441,7 +439,7 @@ def run_dump(args):
     ids, mask = tokenizer.encode_batch(args.prompt)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
     with TraceWriter(args.out, metadata) as writer, handling(writer):
-        if args.max_new_tokens:
+        if args.max_new_tokens > 1:  # 1: the prefill alone, written as one forward with every logit
             generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
         else:
             run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "--prompt"))

@@ -180,6 +180,11 @@ def test_dump_then_compare_the_file(tmp_path, capsys):
     assert list(saved)[:4] == ["inputs.input_ids", "inputs.attention_mask", "inputs.position_ids", "embed_tokens"]
     assert list(saved)[-2:] == ["norm", "logits"]  # forward order survives the file (sorted it would not)
     assert metadata["dtype"] == "float32" and len(metadata["config_sha256"]) == 64
+    for new_tokens, tensors in (("1", 132), ("3", 3 * 132)):  # 1 new token: the prefill alone, every logit kept
+        status, out = debug(capsys, "dump", MODEL, "--prompt", PROMPTS[0], "--max-new-tokens", new_tokens, "--out",
+                            path)
+        assert status == 0 and f"wrote {tensors} tensors" in out
+        assert debug(capsys, "compare", MODEL, path)[0] == 0
 
 
 def test_three_independent_bugs_in_one_isolated_run(tmp_path, capsys):
