@@ -106,13 +106,19 @@ def test_nvcc_compiles_without_warnings(op, arch, tmp_path, resource_reports):
 # ------------------------------------------------------------------------------------------------ NVRTC
 
 def find_nvrtc():
-    """libnvrtc via $JETMOE_NVRTC, the loader's path, the nvidia-cuda-nvrtc wheel, or the CUDA install; or None."""
+    """libnvrtc via $JETMOE_NVRTC, the loader's path, the nvidia-cuda-nvrtc wheel (CUDA 13: nvidia/cu13/lib, the
+    test extra's; CUDA 12: nvidia/cuda_nvrtc/lib), or the CUDA install; or None."""
     candidates = [os.environ.get("JETMOE_NVRTC"), ctypes.util.find_library("nvrtc")]
     for base in sys.path:
-        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
+        for wheel_dir in (("nvidia", "cu13", "lib"), ("nvidia", "cuda_nvrtc", "lib")):
+            candidates += sorted(glob.glob(os.path.join(base, *wheel_dir, "libnvrtc.so*")))
     candidates += sorted(glob.glob("/usr/local/cuda/lib64/libnvrtc.so*"))
     for path in filter(None, candidates):
         try:
+            # libnvrtc dlopens libnvrtc-builtins by name at compile time; a wheel's directory is not on the loader's
+            # path, so load the builtins beside it first, globally
+            for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*"))):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             return ctypes.CDLL(path)
         except OSError:
             continue
@@ -139,8 +145,8 @@ def nvrtc_compile(lib, op, arch):
 NVRTC = find_nvrtc()
 
 
-@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (set JETMOE_NVRTC, or pip install "
-                    "nvidia-cuda-nvrtc-cu12): NVRTC, unlike nvcc, pre-includes no CUDA header")
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (set JETMOE_NVRTC, or pip install -e "
+                    "'.[test]', which brings nvidia-cuda-nvrtc 13): NVRTC, unlike nvcc, pre-includes no CUDA header")
 @pytest.mark.parametrize("arch", ("compute_80", "compute_90"))
 @pytest.mark.parametrize("op", ops())
 def test_nvrtc_compiles(op, arch):
