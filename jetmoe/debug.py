@@ -151,9 +151,8 @@ def run_forwards(model, forwards):
     logit, or generate's prefill and decode steps with every input forced to the recorded one."""
     (ids, mask, positions), *decode = forwards.steps
     if not decode:
-        with tracing.scope(None):
-            ids, mask = tracing.record("inputs.input_ids", ids), tracing.record("inputs.attention_mask", mask)
-            positions = tracing.record("inputs.position_ids", positions)
+        ids, mask = tracing.record("inputs.input_ids", ids), tracing.record("inputs.attention_mask", mask)
+        positions = tracing.record("inputs.position_ids", positions)
         model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         return
     forced = {name: value for name, value in forwards.names().items() if name.startswith("step.")}

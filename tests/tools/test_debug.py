@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 import reference
 from jetmoe.cli import main
+from jetmoe.debug import Forwards, run_forwards
 from reference import JetMoeForCausalLM, trace
 from reference.generation import positions_from_mask
 from reference.tokenizer import Tokenizer
@@ -272,9 +273,7 @@ def test_positions_come_from_the_file(tmp_path, capsys):
     arange = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
     model = JetMoeForCausalLM.from_pretrained(MODEL, dtype=np.float32)
     with trace.TraceWriter(tmp_path / "arange.safetensors") as writer, trace.handling(writer):
-        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", arange)):
-            trace.record(f"inputs.{name}", value)
-        model(input_ids=ids, attention_mask=mask, position_ids=arange, use_cache=False)
+        run_forwards(model, Forwards([(ids, mask, arange)], "a port"))
     status, out = debug(capsys, "compare", MODEL, tmp_path / "arange.safetensors")
     assert status == 0 and "no divergence" in out
 
@@ -304,9 +303,7 @@ def test_rtol_and_near_ties(tmp_path, capsys):
 
     with trace.TraceWriter(tmp_path / "noisy.safetensors") as writer, trace.handling(writer), \
             trace.handling(noisy):
-        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions_from_mask(mask))):
-            trace.record(f"inputs.{name}", value)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+        run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "a port"))
     status, rows = rows_of(capsys, MODEL, tmp_path / "noisy.safetensors", "--isolate", "--only", "layers.0.mlp.*")
     row = next(r for r in rows if r["name"] == "layers.0.mlp.router.top_k_indices")
     assert row["verdict"] == "introduced" and "logit margin" in row["note"]  # flips far outside 1e-4
