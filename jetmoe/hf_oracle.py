@@ -294,3 +294,52 @@ def make_inputs(config_dict, rng, batch=3, tokens=11):
         "multi_labels": (rng.random((batch, config_dict["num_labels"])) < 0.5).astype(np.float64),
         "regression_labels": rng.standard_normal((batch, config_dict["num_labels"])),
     }
+
+
+def jetmoe_router_loss(router_logits, num_experts, top_k, attention_mask=None, z_loss_coef=0.1):
+    """The original JetMoE's aux loss (its jetmoe/utils/gate.py compute_aux_loss), written in torch for the gradient
+    oracle: per router E * sum(normalize(sum probs) * normalize(expert counts)) + 0.1 * mean(logsumexp^2), summed;
+    padding tokens (attention_mask == 0) are left out of every sum."""
+    total = 0
+    for logits in router_logits:
+        keep = (torch.ones(logits.shape[0], dtype=logits.dtype) if attention_mask is None
+                else attention_mask.reshape(-1).to(logits.dtype))
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.topk(logits, top_k, dim=-1).indices
+        counts = (torch.nn.functional.one_hot(chosen, num_experts).sum(1).to(logits.dtype) * keep[:, None]).sum(0)
+        accumulated = (probs * keep[:, None]).sum(0)
+        switch = num_experts * (torch.nn.functional.normalize(accumulated, p=1, dim=0)
+                                * torch.nn.functional.normalize(counts, p=1, dim=0)).sum()
+        z_loss = (torch.logsumexp(logits, dim=-1) ** 2 * keep).sum() / keep.sum()
+        total = total + switch + z_loss_coef * z_loss
+    return total
+
+
+def hf_loss(model, input_ids, labels, attention_mask=None, output_router_logits=False, aux_loss="hf"):
+    """HF's causal-LM loss, plus aux_loss_coef times the aux loss `aux_loss` (reference/losses.py's variants, here in
+    torch) when output_router_logits: JetMoeModel's router logits, its lm_head, HF's loss functions."""
+    config = model.config
+    base = model.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
+                       use_cache=False)
+    logits = model.lm_head(base.last_hidden_state)
+    loss = causal_lm_loss(logits, labels, config.vocab_size)
+    if output_router_logits:
+        E, K = config.num_local_experts, config.num_experts_per_tok
+        if aux_loss == "hf":
+            aux = hf.load_balancing_loss_func(base.router_logits, E, K, attention_mask)
+        elif aux_loss == "per_router":
+            aux = sum(hf.load_balancing_loss_func((r,), E, K, attention_mask) for r in base.router_logits)
+        else:
+            aux = jetmoe_router_loss(base.router_logits, E, K, attention_mask)
+        loss = loss + config.aux_loss_coef * aux
+    return loss
+
+
+def hf_value_and_grad(model, inputs, output_router_logits=False, aux_loss="hf"):
+    """(loss, {parameter name: gradient}) by torch autograd on an HF JetMoeForCausalLM; inputs: NumPy input_ids,
+    labels and optionally attention_mask. Parameter names are HF's (a tied lm_head is model.embed_tokens.weight)."""
+    t = np_inputs(inputs)
+    model.zero_grad(set_to_none=True)
+    loss = hf_loss(model, t["input_ids"], t["labels"], t.get("attention_mask"), output_router_logits, aux_loss)
+    loss.backward()
+    return to_numpy(loss), {name: to_numpy(p.grad) for name, p in model.named_parameters()}

@@ -18,8 +18,8 @@ losses and generation (05); config, checkpoint, weights, tokenizer, precision an
 from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import JetMoeConfig
-from .model import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+from .model import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel, value_and_grad
 from .trace import Trace, breakpoint, capture, compare, steps, substitute
 
 __all__ = ["JetMoeConfig", "JetMoeModel", "JetMoeForCausalLM", "JetMoeForSequenceClassification", "KVCache",
-           "CheckpointError", "Trace", "capture", "compare", "breakpoint", "substitute", "steps"]
+           "CheckpointError", "Trace", "capture", "compare", "breakpoint", "substitute", "steps", "value_and_grad"]

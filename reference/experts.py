@@ -7,14 +7,18 @@ Dispatch, shared with the MoA (reference/attention.py):
   combine  sum_k gate[n, k] * y[n, k] + bias                 [N, out]
 No per-token loop: E matmuls per projection, like HF's JetMoeParallelExperts.
 
+Backward, op by op in reverse: combine gives the slots' and the gates' gradients; ungroup's backward is group (a
+permutation's inverse); each expert's weight gradient comes from its own group only, so an expert no token chose
+gets exactly zero; gather's backward sums each token's K slot gradients.
+
 Notebook: notebooks/03_mixture_of_mlp_experts.ipynb.
 """
 
 import numpy as np
 
 from . import trace
-from .routing import top_k_gating
-from .weights import linear
+from .routing import top_k_gates_backward, top_k_gating, top_k_gating_backward
+from .weights import linear, linear_backward
 
 
 def grouped_linear(grouped_x, weights, plan):
@@ -43,6 +47,28 @@ def combine(slot_y, gates, bias):
     return np.sum(slot_y * gates[..., None], axis=1) + bias
 
 
+def grouped_linear_backward(d_out, grouped_x, weights, plan):
+    # d_out: [N*K, out], grouped_x: [N*K, in], weights: [E, out, in] -> d_grouped_x [N*K, in], d_weights [E, out, in]
+    d_x = np.empty_like(grouped_x)
+    d_weights = np.zeros(weights.shape, grouped_x.dtype)  # experts without tokens keep a zero gradient
+    for expert, rows in plan.expert_groups():
+        d_x[rows], d_weights[expert] = linear_backward(d_out[rows], grouped_x[rows], weights[expert])
+    return d_x, d_weights
+
+
+def gather_backward(d_grouped_x, plan):
+    # d_grouped_x: [N*K, in] in grouped order -> d_x [N, in]: token n was gathered into its K slots, so its
+    # gradient is the sum of theirs (ungroup puts the K slots of token n side by side)
+    return ungroup(d_grouped_x, plan).sum(axis=1)
+
+
+def combine_backward(d_y, slot_y, gates):
+    # d_y: [N, out], slot_y: [N, K, out], gates: [N, K] -> d_slot_y [N, K, out], d_gates [N, K], d_bias [out]
+    # y = sum_k g_k y_k + b: each slot's output gets g_k d_y, each gate the dot product d_y . y_k.
+    d_gates = np.einsum("nd,nkd->nk", d_y, slot_y)
+    return d_y[:, None, :] * gates[..., None], d_gates, d_y.sum(axis=0)
+
+
 def silu(x):
     with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives the correct limit -0
         return x / (1 + np.exp(-x))
@@ -54,16 +80,50 @@ def swiglu(h):
     return silu(h[:, :half]) * h[:, half:]
 
 
-def moe(x, w, top_k):
+def swiglu_backward(d_act, h):
+    # d_act: [M, F], h: [M, 2F] the pre-activation -> d_h [M, 2F]
+    # a = silu(u) * v with silu'(u) = s(u) (1 + u (1 - s(u))), s the sigmoid. Saves h; silu(u) is recomputed.
+    half = h.shape[-1] // 2
+    u, v = h[:, :half], h[:, half:]
+    with np.errstate(over="ignore"):
+        sig = 1 / (1 + np.exp(-u))
+    return np.concatenate([d_act * v * sig * (1 + u * (1 - sig)), d_act * u * sig], axis=1)
+
+
+def moe(x, w, top_k, saved=None):
     # x: [B, T, D] -> [B, T, D], router logits [N, E]
     # w: input_linear [E, 2F, D], output_linear [E, D, F], router [E, D], bias [D]
+    # saved: None, or a dict that receives what moe_backward needs (reference.model.value_and_grad)
     batch, tokens, hidden = x.shape
     x2d = x.reshape(batch * tokens, hidden)  # [N, D]
     with trace.scope("router"):
         plan = top_k_gating(x2d, w.router, top_k)
     grouped_x = x2d[plan.sorted_tokens]  # [N*K, D]
-    act = swiglu(grouped_linear(grouped_x, w.input_linear, plan))  # [N*K, F]
+    h = grouped_linear(grouped_x, w.input_linear, plan)  # [N*K, 2F]
+    act = swiglu(h)  # [N*K, F]
     act = trace.record_view("expert_act", act, lambda a: ungroup(a, plan), lambda a: group(a, plan))  # [N, K, F]
     slot_y = trace.record("expert_out", ungroup(grouped_linear(act, w.output_linear, plan), plan))  # [N, K, D]
     y = combine(slot_y, plan.top_k_gates, w.bias)  # [N, D]
+    if saved is not None:
+        saved.update(x2d=x2d, plan=plan, grouped_x=grouped_x, h=h, act=act, slot_y=slot_y)
     return trace.record("output", y.reshape(batch, tokens, hidden)), plan.logits
+
+
+def moe_backward(d_y, saved, w, d_router_logits=None):
+    # d_y: [B, T, D], saved: moe's dict, d_router_logits: [N, E] from the aux loss or None
+    # -> d_x [B, T, D], {router, input_linear, output_linear, bias: gradients of w's tensors}
+    # Saves per token: x (D), then per slot the gathered x (D), h (2F), act (F) and the slot output (D), so
+    # (D + K*(2D + 3F)) numbers; at the bundled shape (D=128, K=2, F=256) 2,176 floats = 8.5 KiB a token.
+    plan = saved["plan"]
+    d_y2d = d_y.reshape(-1, d_y.shape[-1])  # [N, D]
+    d_slot_y, d_gates, d_bias = combine_backward(d_y2d, saved["slot_y"], plan.top_k_gates)
+    d_act, d_output_linear = grouped_linear_backward(group(d_slot_y, plan), saved["act"], w.output_linear, plan)
+    d_h = swiglu_backward(d_act, saved["h"])  # [N*K, 2F]
+    d_grouped_x, d_input_linear = grouped_linear_backward(d_h, saved["grouped_x"], w.input_linear, plan)
+    d_logits = top_k_gates_backward(d_gates, plan)  # [N, E]
+    if d_router_logits is not None:
+        d_logits += d_router_logits
+    d_x_router, d_router = top_k_gating_backward(d_logits, saved["x2d"], w.router)
+    d_x = gather_backward(d_grouped_x, plan) + d_x_router  # [N, D]
+    grads = dict(router=d_router, input_linear=d_input_linear, output_linear=d_output_linear, bias=d_bias)
+    return d_x.reshape(d_y.shape), grads

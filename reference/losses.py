@@ -1,6 +1,18 @@
-"""Losses, as HF computes them.  Shapes: reference/__init__.py.
+"""Losses, as HF computes them, and their gradients.  Shapes: reference/__init__.py.
 
 All run in float32 or better (HF upcasts logits with `.float()` before the loss).
+
+The aux (load-balancing) loss comes in three variants, all built from the Switch loss E * sum_e f_e * P_e
+(f_e: the share of top-k choices that went to expert e, a constant; P_e: the mean router probability, which
+carries the gradient):
+  "hf"          HF's load_balancing_loss_func over all 2L routers pooled into one set (the default). It balances
+                the experts summed over layers, about K = 2 when balanced.
+  "per_router"  HF's formula on each router on its own, summed over the 2L routers: each layer is balanced
+                (scripts/train_tiny_torch.py's recipe, which trained the committed model).
+  "jetmoe"      the original JetMoE training code (jetmoe/utils/gate.py, compute_aux_loss): for each router,
+                E * sum_e (P_e / sum P) (c_e / sum c) + 0.1 * mean(logsumexp(logits)^2), summed over the 2L
+                routers. Its Switch term is HF's divided by K (c_e counts all K choices): about 1 a router
+                balanced, so about 2L = 48 for jetmoe-8b against HF's 2, a 24x stronger push at equal coefficient.
 
 Notebook: notebooks/05_the_whole_model.ipynb.
 """
@@ -8,9 +20,11 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 import numpy as np
 
 from .precision import compute_dtype
-from .routing import softmax, top_k_of
+from .routing import softmax, softmax_backward, top_k_of
 
 IGNORE_INDEX = -100
+AUX_LOSSES = ("hf", "per_router", "jetmoe")
+Z_LOSS_COEF = 0.1  # the original JetMoE's weight of the router z-loss beside its Switch loss
 
 
 def log_softmax(x):
@@ -33,34 +47,121 @@ def cross_entropy(logits, labels):
         return -np.sum(picked) / picked.dtype.type(keep.sum())
 
 
-def causal_lm_loss(logits, labels):
-    # logits: [B, T, V], labels: [B, T] -> scalar. HF ForCausalLMLoss: position t predicts labels[t+1]
+def cross_entropy_backward(logits, labels):
+    # logits: [M, C], labels: [M] (IGNORE_INDEX skipped) -> d_logits [M, C] of the mean: (softmax - onehot) / kept
+    # rows, zero on ignored rows (NaN if none is kept, as torch). Saves nothing: the softmax is recomputed.
+    logits = logits.astype(compute_dtype(logits.dtype), copy=False)
+    keep = labels != IGNORE_INDEX
+    d_logits = softmax(logits, axis=-1)  # [M, C]
+    d_logits[np.flatnonzero(keep), labels[keep]] -= 1
+    d_logits[~keep] = 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d_logits /= d_logits.dtype.type(keep.sum())
+    return d_logits
+
+
+def next_token_labels(labels):
+    # labels: [B, T] -> [B*T]: HF ForCausalLMLoss, position t predicts labels[t+1]; the last position predicts nothing
     shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
-    return cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+    return shifted.reshape(-1)
+
+
+def causal_lm_loss(logits, labels):
+    # logits: [B, T, V], labels: [B, T] -> scalar
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), next_token_labels(labels))
+
+
+def causal_lm_loss_backward(logits, labels):
+    # logits: [B, T, V], labels: [B, T] -> d_logits [B, T, V]
+    return cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), next_token_labels(labels)).reshape(logits.shape)
+
+
+def _switch_terms(router_logits, num_experts, top_k, attention_mask):
+    # router_logits: R x [N, E], attention_mask: [B, T] or None -> probs [R*N, E], keep [R*N] (0/1 weights,
+    # divided by their sum), tokens_per_expert [K, E]: HF's load_balancing_loss_func up to its last line
+    logits = np.concatenate(router_logits, axis=0)  # [R*N, E]
+    probs = softmax(logits, axis=-1)  # [R*N, E]
+    chosen = top_k_of(probs, top_k)  # [R*N, K]
+    expert_mask = (chosen[..., None] == np.arange(num_experts)).astype(probs.dtype)  # [R*N, K, E]
+    if attention_mask is None:
+        keep = np.full(len(probs), 1 / len(probs), probs.dtype)  # [R*N]: the plain mean
+    else:
+        keep = np.tile(attention_mask.reshape(-1), len(router_logits)).astype(probs.dtype)  # [R*N]
+        keep /= np.sum(keep)
+    tokens_per_expert = np.einsum("nke,n->ke", expert_mask, keep)  # [K, E], the counts: constants
+    return probs, keep, tokens_per_expert
 
 
 def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
     # router_logits: 2L x [N, E] (N = B*T), attention_mask: [B, T] or None -> scalar
     # Switch Transformer eqs. (4)-(6), as HF's load_balancing_loss_func: E * sum_e f_e * P_e, where f_e is the
     # fraction of (token, choice) slots routed to e (kept per choice k) and P_e the mean router probability.
-    logits = np.concatenate(router_logits, axis=0)  # [2L*N, E]
-    probs = softmax(logits, axis=-1)  # [2L*N, E]
-    chosen = top_k_of(probs, top_k)  # [2L*N, K]
-    expert_mask = (chosen[..., None] == np.arange(num_experts)).astype(probs.dtype)  # [2L*N, K, E]
-    if attention_mask is None:
-        tokens_per_expert = expert_mask.mean(axis=0)  # [K, E]
-        router_prob_per_expert = probs.mean(axis=0)  # [E]
-    else:
-        sets = len(router_logits)
-        keep = np.tile(attention_mask.reshape(-1), sets).astype(probs.dtype)  # [2L*N]
-        tokens_per_expert = np.sum(expert_mask * keep[:, None, None], axis=0) / np.sum(keep)  # [K, E]
-        router_prob_per_expert = np.sum(probs * keep[:, None], axis=0) / np.sum(keep)  # [E]
+    probs, keep, tokens_per_expert = _switch_terms(router_logits, num_experts, top_k, attention_mask)
+    router_prob_per_expert = keep @ probs  # [E]
     return np.sum(tokens_per_expert * router_prob_per_expert[None]) * num_experts
 
 
-def causal_lm_losses(config, logits, labels, router_logits, attention_mask, input_shape):
+def load_balancing_loss_backward(router_logits, num_experts, top_k, attention_mask=None):
+    # -> 2L x [N, E]: d loss / d router logits. Only P_e carries a gradient: d P_e / d p[n, e] = keep[n], so
+    # d p[n, e] = E * sum_k f[k, e] * keep[n], then back through each row's softmax.
+    probs, keep, tokens_per_expert = _switch_terms(router_logits, num_experts, top_k, attention_mask)
+    d_probs = num_experts * keep[:, None] * tokens_per_expert.sum(axis=0)[None]  # [R*N, E]
+    return np.split(softmax_backward(d_probs, probs), len(router_logits))
+
+
+def router_z_loss(logits, attention_mask=None):
+    # logits: [N, E], attention_mask: [B, T] or None -> scalar: mean over kept tokens of logsumexp(logits)^2
+    # (ST-MoE's z-loss: it keeps router logits small, so the softmax stays out of float32's rounding)
+    lse, keep = _logsumexp(logits), _token_weights(len(logits), logits.dtype, attention_mask)
+    return keep @ (lse * lse)
+
+
+def router_z_loss_backward(logits, attention_mask=None):
+    # -> d_logits [N, E] = 2 * lse * softmax(logits) * keep
+    lse, keep = _logsumexp(logits), _token_weights(len(logits), logits.dtype, attention_mask)
+    return softmax(logits, axis=-1) * (2 * lse * keep)[:, None]
+
+
+def _logsumexp(logits):
+    # [N, E] -> [N]
+    top = np.max(logits, axis=-1)
+    return top + np.log(np.sum(np.exp(logits - top[:, None]), axis=-1))
+
+
+def _token_weights(tokens, dtype, attention_mask):
+    # -> [N]: 1/kept for kept tokens, 0 for padding
+    keep = np.ones(tokens, dtype) if attention_mask is None else attention_mask.reshape(-1).astype(dtype)
+    return keep / np.sum(keep)
+
+
+def router_aux_loss(kind, router_logits, num_experts, top_k, attention_mask=None):
+    # kind: one of AUX_LOSSES (module docstring), router_logits: 2L x [N, E] -> scalar
+    if kind == "hf":
+        return load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
+    switch = sum(load_balancing_loss([r], num_experts, top_k, attention_mask) for r in router_logits)
+    if kind == "per_router":
+        return switch
+    return switch / top_k + Z_LOSS_COEF * sum(router_z_loss(r, attention_mask) for r in router_logits)
+
+
+def router_aux_loss_backward(kind, router_logits, num_experts, top_k, attention_mask=None):
+    # -> 2L x [N, E]: d router_aux_loss(kind, ...) / d router logits
+    if kind == "hf":
+        return load_balancing_loss_backward(router_logits, num_experts, top_k, attention_mask)
+    grads = [load_balancing_loss_backward([r], num_experts, top_k, attention_mask)[0] for r in router_logits]
+    if kind == "per_router":
+        return grads
+    return [g / top_k + Z_LOSS_COEF * router_z_loss_backward(r, attention_mask) for g, r in zip(grads, router_logits)]
+
+
+def check_aux_loss(kind):
+    if kind not in AUX_LOSSES:
+        raise ValueError(f"aux_loss must be one of {', '.join(AUX_LOSSES)}, got {kind!r}")
+
+
+def causal_lm_losses(config, logits, labels, router_logits, attention_mask, input_shape, aux_kind="hf"):
     # logits: [B, T_kept, V], labels: [B, T] or None, router_logits: 2L x [N, E] or None -> (loss, aux_loss)
-    # Host arrays; shared with the GPU twin, which hands over host copies.
+    # Host arrays; shared with the GPU twin, which hands over host copies. aux_kind: one of AUX_LOSSES.
     loss = aux_loss = None
     if labels is not None:
         labels = np.asarray(labels)  # dtype and range: checked by cross_entropy
@@ -73,11 +174,16 @@ def causal_lm_losses(config, logits, labels, router_logits, attention_mask, inpu
     if router_logits is not None:
         # The intended behaviour of HF's JetMoeForCausalLM (which crashes here, transformers#31791): the
         # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask.
-        mask = None if attention_mask is None else np.asarray(attention_mask)[:, -input_shape[1]:]
-        aux_loss = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok, mask)
+        aux_loss = router_aux_loss(aux_kind, router_logits, config.num_local_experts, config.num_experts_per_tok,
+                                   aux_mask(attention_mask, input_shape))
         if loss is not None:
             loss = loss + config.aux_loss_coef * aux_loss
     return loss, aux_loss
+
+
+def aux_mask(attention_mask, input_shape):
+    # attention_mask: [B, S] or None -> [B, T]: the current tokens' columns (S = cached + T)
+    return None if attention_mask is None else np.asarray(attention_mask)[:, -input_shape[1]:]
 
 
 def classification_loss(config, pooled, labels):

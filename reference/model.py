@@ -19,25 +19,54 @@ from .cache import KVCache
 from .checkpoint import Pretrained, model_dtype
 from .experts import moe
 from .inputs import check_inputs, int_array, pooling_positions
-from .losses import causal_lm_losses, classification_loss
-from .norm import BLOCK_NORM_EPS, rms_norm
+from .experts import moe_backward
+from .attention import moa_backward
+from .losses import (aux_mask, causal_lm_loss_backward, causal_lm_losses, check_aux_loss, classification_loss,
+                     router_aux_loss_backward)
+from .norm import BLOCK_NORM_EPS, rms_norm, rms_norm_backward
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .rope import cos_sin
-from .weights import linear
+from .weights import linear, linear_backward
 
 
-def block(h, w, cos, sin, mask, cache, layer_idx, config):
+def block(h, w, cos, sin, mask, cache, layer_idx, config, saved=None):
     # h: [B, T, D] -> h [B, T, D], attention probs [B, K*H, T, S], router logits (attention [N, E], mlp [N, E])
     # Every trace point hands on the value the forward continues with (reference/trace.py).
+    # saved: None, or a dict that receives what block_backward needs.
+    keep = (lambda part: None) if saved is None else (lambda part: saved.setdefault(part, {}))
     x = trace.record("input_layernorm", rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS))
     with trace.scope("attention"):
-        attn_out, probs, attn_logits = moa(x, w.attention, cos, sin, mask, cache, layer_idx, config)
-    h = trace.record("post_attention_residual", h + attn_out)
-    x = trace.record("post_attention_layernorm", rms_norm(h, w.post_attention_layernorm, BLOCK_NORM_EPS))
+        attn_out, probs, attn_logits = moa(x, w.attention, cos, sin, mask, cache, layer_idx, config, keep("attention"))
+    mid = trace.record("post_attention_residual", h + attn_out)
+    x = trace.record("post_attention_layernorm", rms_norm(mid, w.post_attention_layernorm, BLOCK_NORM_EPS))
     with trace.scope("mlp"):
-        mlp_out, mlp_logits = moe(x, w.mlp, config.num_experts_per_tok)
-    h = trace.record("output", h + mlp_out)
-    return h, probs, (attn_logits, mlp_logits)
+        mlp_out, mlp_logits = moe(x, w.mlp, config.num_experts_per_tok, keep("mlp"))
+    if saved is not None:
+        saved.update(input=h, post_attention_residual=mid)
+    return trace.record("output", mid + mlp_out), probs, (attn_logits, mlp_logits)
+
+
+def block_backward(d_out, saved, w, config, d_router_logits=(None, None)):
+    # d_out: [B, T, D], saved: block's dict, d_router_logits: (attention [N, E], mlp [N, E]) from the aux loss
+    # -> d_h [B, T, D], BlockWeights of gradients. Each residual passes its gradient through unchanged.
+    d_x, mlp = moe_backward(d_out, saved["mlp"], w.mlp, d_router_logits[1])
+    d_mid, d_post_norm = rms_norm_backward(d_x, saved["post_attention_residual"], w.post_attention_layernorm,
+                                           BLOCK_NORM_EPS)
+    d_mid += d_out
+    d_x, attention = moa_backward(d_mid, saved["attention"], w.attention, config, d_router_logits[0])
+    d_h, d_input_norm = rms_norm_backward(d_x, saved["input"], w.input_layernorm, BLOCK_NORM_EPS)
+    d_h += d_mid
+    return d_h, BlockWeights(d_input_norm, ExpertWeights(**attention), d_post_norm, ExpertWeights(**mlp))
+
+
+def embedding_backward(d_h, input_ids, vocab_size, padding_idx):
+    # d_h: [B, T, D], input_ids: [B, T] -> d_embed [V, D]: each looked-up row sums the gradients of its positions.
+    # HF builds nn.Embedding(V, D, padding_idx=pad_token_id), whose backward gives the pad row no gradient.
+    d_embed = np.zeros((vocab_size, d_h.shape[-1]), d_h.dtype)
+    np.add.at(d_embed, input_ids.reshape(-1), d_h.reshape(-1, d_h.shape[-1]))
+    if padding_idx is not None:
+        d_embed[padding_idx] = 0
+    return d_embed
 
 
 class JetMoeModel(Pretrained):
@@ -54,7 +83,8 @@ class JetMoeModel(Pretrained):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
-                 output_router_logits=None, cache_position=None):
+                 output_router_logits=None, cache_position=None, saved=None):
+        # saved: None, or a dict that receives what value_and_grad's backward needs
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
@@ -70,14 +100,21 @@ class JetMoeModel(Pretrained):
         cos, sin = cos_sin(position_ids, config.kv_channels, config.rope_theta, self.dtype)  # [B|1, T, Dh]
         h = trace.record("embed_tokens", h)
         hidden_states, attentions, router_logits = [], [], []
+        if saved is not None:
+            saved["blocks"] = [{} for _ in self.layers]
         for i, w in enumerate(self.layers):
             hidden_states.append(h)
             with trace.scope(f"layers.{i}"):
-                h, probs, logits = block(h, w, cos, sin, mask, cache, i, config)
+                h, probs, logits = block(h, w, cos, sin, mask, cache, i, config,
+                                         None if saved is None else saved["blocks"][i])
             attentions.append(probs)
             router_logits.extend(logits)
+        if saved is not None:
+            saved.update(input_ids=input_ids, attention_mask=attention_mask, final_norm_input=h)
         h = trace.record("norm", rms_norm(h, self.norm, config.rms_norm_eps))  # the only norm using rms_norm_eps
         hidden_states.append(h)
+        if saved is not None:
+            saved["final_hidden"] = h
         return MoeModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
@@ -115,21 +152,25 @@ class JetMoeForCausalLM(Pretrained):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                 output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0):
+                 output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0,
+                 aux_loss="hf", saved=None):
+        # aux_loss: which load-balancing loss joins .loss (reference/losses.py: "hf", "per_router", "jetmoe")
+        # saved: None, or a dict that receives what value_and_grad's backward needs
         config = self.config
+        check_aux_loss(aux_loss)
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                         output_router_logits=output_router_logits, cache_position=cache_position)
+                         output_router_logits=output_router_logits, cache_position=cache_position, saved=saved)
         h = out.last_hidden_state  # [B, T, D]
         if isinstance(logits_to_keep, (int, np.integer)):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h  # 0 keeps all, as HF's slice(-0, None)
         else:
             kept = h[:, int_array("logits_to_keep", logits_to_keep, 1)]
         logits = trace.record("logits", linear(kept, self.lm_head))  # [B, T_kept, V]
-        loss, aux_loss = causal_lm_losses(config, logits, labels, out.router_logits, attention_mask, h.shape[:2])
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+        loss, aux = causal_lm_losses(config, logits, labels, out.router_logits, attention_mask, h.shape[:2], aux_loss)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
                                          past_key_values=out.past_key_values, hidden_states=out.hidden_states,
                                          attentions=out.attentions, router_logits=out.router_logits)
 
@@ -188,15 +229,77 @@ class BlockWeights:
     mlp: ExpertWeights
 
 
-def block_weights(tensors, i):
-    # tensors: HF names without "model." -> BlockWeights of layer i
+def block_names(i):
+    # -> BlockWeights of layer i's HF tensor names (without "model.")
     p = f"layers.{i}."
     a, m = p + "self_attention.experts.", p + "mlp."
     return BlockWeights(
-        input_layernorm=tensors[p + "input_layernorm.weight"],
-        attention=ExpertWeights(tensors[a + "router.layer.weight"], tensors[a + "input_linear.weight"],
-                                tensors[a + "output_linear.weight"], tensors[a + "bias"],
-                                tensors[p + "self_attention.kv_proj.weight"]),
-        post_attention_layernorm=tensors[p + "post_attention_layernorm.weight"],
-        mlp=ExpertWeights(tensors[m + "router.layer.weight"], tensors[m + "input_linear.weight"],
-                          tensors[m + "output_linear.weight"], tensors[m + "bias"]))
+        input_layernorm=p + "input_layernorm.weight",
+        attention=ExpertWeights(a + "router.layer.weight", a + "input_linear.weight", a + "output_linear.weight",
+                                a + "bias", p + "self_attention.kv_proj.weight"),
+        post_attention_layernorm=p + "post_attention_layernorm.weight",
+        mlp=ExpertWeights(m + "router.layer.weight", m + "input_linear.weight", m + "output_linear.weight",
+                          m + "bias"))
+
+
+def block_leaves(b):
+    # BlockWeights -> its tensors (or names, or gradients) as a flat list, in one fixed order
+    experts = [(e.router, e.input_linear, e.output_linear, e.bias) + (() if e.kv_proj is None else (e.kv_proj,))
+               for e in (b.attention, b.mlp)]
+    return [b.input_layernorm, *experts[0], b.post_attention_layernorm, *experts[1]]
+
+
+def block_weights(tensors, i):
+    # tensors: HF names without "model." -> BlockWeights of layer i
+    n = block_names(i)
+    t = tensors.__getitem__
+    return BlockWeights(
+        input_layernorm=t(n.input_layernorm),
+        attention=ExpertWeights(t(n.attention.router), t(n.attention.input_linear), t(n.attention.output_linear),
+                                t(n.attention.bias), t(n.attention.kv_proj)),
+        post_attention_layernorm=t(n.post_attention_layernorm),
+        mlp=ExpertWeights(t(n.mlp.router), t(n.mlp.input_linear), t(n.mlp.output_linear), t(n.mlp.bias)))
+
+
+# Training: the loss and the gradient of every parameter, by a hand-written backward (notebook 08).
+
+def value_and_grad(model, input_ids, labels, attention_mask=None, output_router_logits=False, aux_loss="hf"):
+    """(out, grads) of a JetMoeForCausalLM: out is the forward's output, as model(input_ids=..., labels=...,
+    attention_mask=..., output_router_logits=..., aux_loss=...) returns it (out.loss adds aux_loss_coef * the aux
+    loss when output_router_logits); grads maps every name of model.state_dict() to d out.loss / d that tensor, in
+    its shape and dtype. A tied lm_head's gradient is added into model.embed_tokens.weight, as autograd does for
+    the one shared parameter. Equal to torch autograd on HF's JetMoe (tests/oracle/test_grad_oracle.py).
+
+    The forward keeps what each op's backward needs (saved); the backward then runs the ops in reverse: the loss,
+    lm_head, final norm, each block (reference/attention.py, experts.py), the embedding. Positions and the causal
+    mask come from attention_mask as in the forward; no cache is used.
+    """
+    if not isinstance(model, JetMoeForCausalLM):
+        raise TypeError(f"value_and_grad needs a JetMoeForCausalLM, got {type(model).__name__}")
+    if labels is None:
+        raise ValueError("value_and_grad needs labels: the gradient is that of the causal-LM loss")
+    config, saved = model.config, {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                output_router_logits=output_router_logits, aux_loss=aux_loss, saved=saved)
+    base, dtype = model.model, model.dtype
+    d_logits = causal_lm_loss_backward(out.logits, np.asarray(labels)).astype(dtype, copy=False)  # [B, T, V]
+    d_hidden, d_lm_head = linear_backward(d_logits, saved["final_hidden"], model.lm_head)
+    d_h, d_norm = rms_norm_backward(d_hidden, saved["final_norm_input"], base.norm, config.rms_norm_eps)
+    d_router_logits = [None] * (2 * config.num_hidden_layers)
+    if output_router_logits and config.aux_loss_coef != 0:
+        mask = aux_mask(saved["attention_mask"], saved["input_ids"].shape)
+        d_router_logits = [config.aux_loss_coef * d for d in router_aux_loss_backward(
+            aux_loss, out.router_logits, config.num_local_experts, config.num_experts_per_tok, mask)]
+    grads = {"norm.weight": d_norm}
+    for i in reversed(range(config.num_hidden_layers)):
+        d_h, block_grads = block_backward(d_h, saved["blocks"][i], base.layers[i], config,
+                                          d_router_logits[2 * i: 2 * i + 2])
+        grads.update(zip(block_leaves(block_names(i)), block_leaves(block_grads)))
+    grads["embed_tokens.weight"] = embedding_backward(d_h, saved["input_ids"], config.vocab_size, config.pad_token_id)
+    grads = {"model." + name: g for name, g in grads.items()}
+    if config.tie_word_embeddings:
+        grads["model.embed_tokens.weight"] += d_lm_head
+    else:
+        grads["lm_head.weight"] = d_lm_head
+    state = model.state_dict()
+    return out, {name: grads[name].astype(t.dtype, copy=False) for name, t in state.items()}

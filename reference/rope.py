@@ -1,4 +1,5 @@
-"""Rotary position embedding (RoPE), HF's default rope type with rotate_half.  Shapes: reference/__init__.py.
+"""Rotary position embedding (RoPE), HF's default rope type with rotate_half, and its backward.
+Shapes: reference/__init__.py.
 
 Dimension i of the first half of a head pairs with dimension i + Dh/2 (rotate_half), rotated by
 angle position * theta^(-2i/Dh).
@@ -36,3 +37,12 @@ def apply_rope(x, cos, sin):
     # x: [B, heads, T, Dh], cos/sin: [B, T, Dh] -> [B, heads, T, Dh]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]: broadcast over heads
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_backward(d_y, cos, sin):
+    # d_y: [B, heads, T, Dh], cos/sin: [B, T, Dh] -> d_x [B, heads, T, Dh]
+    # RoPE is a rotation, so its backward is the transposed rotation. rotate_half is the matrix [[0, -I], [I, 0]],
+    # whose transpose is -rotate_half: d_x = d_y * cos - rotate_half(d_y * sin). Saves nothing (cos, sin are
+    # the forward's tables, one [T, Dh] pair for all layers).
+    cos, sin = cos[:, None], sin[:, None]
+    return d_y * cos - rotate_half(d_y * sin)

@@ -7,6 +7,10 @@ Ties: among equal logits the lower expert id comes first (and -0 equals +0). Thi
 torch.topk leaves the order of equal values unspecified. The GPU kernel (gpu/kernels/routing.cu) follows it too,
 except that CuPy compiles with -ftz=true, so there a subnormal logit equals 0 (tests/reference/test_routing.py).
 
+Backward: the gates are a softmax of the chosen k logits, so d_logits is that softmax's backward scattered into
+the chosen columns and zero elsewhere. The choice itself (argsort) is piecewise constant: it has no gradient, and
+only the aux loss (reference/losses.py) reaches the logits of experts a token did not choose.
+
 Notebook: notebooks/02_top_k_routing.ipynb.
 """
 
@@ -59,6 +63,14 @@ def softmax(x, axis=-1):
     return out
 
 
+def softmax_backward(d_probs, probs, axis=-1):
+    # d_probs, probs: [..., C] -> d_x [..., C]: the Jacobian of softmax is diag(p) - p p^T, so
+    # d_x = p * (d_p - sum(d_p * p)). Saves only the probabilities.
+    out = d_probs * probs
+    out -= probs * np.sum(out, axis=axis, keepdims=True)
+    return out
+
+
 def top_k_gating(x, router_weight, top_k):
     # x: [N, D], router_weight: [E, D] -> RoutingPlan
     logits = (x @ router_weight.T).astype(compute_dtype(x.dtype), copy=False)  # [N, E]
@@ -69,6 +81,21 @@ def top_k_gates_of(logits, top_k_indices, gate_dtype):
     # logits: [N, E], top_k_indices: [N, K] -> [N, K]: softmax over only the chosen k logits (HF JetMoeTopKGating)
     top_k_logits = np.take_along_axis(logits, top_k_indices, axis=1)  # [N, K]
     return softmax(top_k_logits, axis=1).astype(gate_dtype, copy=False)
+
+
+def top_k_gates_backward(d_gates, plan):
+    # d_gates: [N, K] -> d_logits [N, E]: gradient of the gates through the softmax over the chosen k; the other
+    # E - K columns get none (HF's topk passes no gradient to values it did not select). Saves the plan.
+    d_top = softmax_backward(d_gates, plan.top_k_gates, axis=1)  # [N, K]
+    d_logits = np.zeros(plan.logits.shape, np.result_type(plan.logits.dtype, d_top.dtype))  # [N, E]
+    np.put_along_axis(d_logits, plan.top_k_indices, d_top, axis=1)
+    return d_logits
+
+
+def top_k_gating_backward(d_logits, x, router_weight):
+    # d_logits: [N, E], x: [N, D], router_weight: [E, D] -> d_x [N, D], d_router [E, D] (logits = x @ Wr^T)
+    d_logits = d_logits.astype(x.dtype, copy=False)
+    return d_logits @ router_weight, d_logits.T @ x
 
 
 def plan_from_logits(logits, top_k, gate_dtype):

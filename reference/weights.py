@@ -168,3 +168,12 @@ def linear(x, weight):
             for done in [_pool.submit(product, start) for start in starts]:
                 done.result()
     return out
+
+
+def linear_backward(d_y, x, weight):
+    # d_y: [..., out], x: [..., in], weight: [out, in] ndarray or MappedWeight -> d_x [..., in], d_weight [out, in]
+    # y = x @ W^T, so d_x = d_y @ W and d_W = d_y^T @ x (summed over every leading index). Saves x.
+    rows, cols = weight.shape
+    d_y2d, x2d = d_y.reshape(-1, rows), x.reshape(-1, cols)  # [M, out], [M, in]
+    d_x = (d_y2d @ rows_of(weight, 0, rows)).reshape(x.shape)
+    return d_x, d_y2d.T @ x2d
