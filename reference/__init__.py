@@ -19,7 +19,9 @@ from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import JetMoeConfig
 from .model import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel, value_and_grad
+from .optim import AdamW, clip_grad_norm, cosine_lr
 from .trace import Trace, breakpoint, capture, compare, steps, substitute
 
 __all__ = ["JetMoeConfig", "JetMoeModel", "JetMoeForCausalLM", "JetMoeForSequenceClassification", "KVCache",
-           "CheckpointError", "Trace", "capture", "compare", "breakpoint", "substitute", "steps", "value_and_grad"]
+           "CheckpointError", "Trace", "capture", "compare", "breakpoint", "substitute", "steps", "value_and_grad",
+           "AdamW", "clip_grad_norm", "cosine_lr"]

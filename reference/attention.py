@@ -71,19 +71,25 @@ def moa_reduce_backward(d_y, saved, plan, output_weights):
 def attention_probs(q, k, mask):
     # q: [B, K, H, T, Dh], k: [B, H, S, Dh], mask: [B|1, 1, T, S] additive -> probs [B, K*H, T, S]
     batch, top_k, heads, tokens, head_dim = q.shape
-    scores = (q @ np.swapaxes(k, -1, -2)[:, None]) / q.dtype.type(math.sqrt(head_dim))  # [B, K, H, T, S]
-    scores = scores.reshape(batch, top_k * heads, tokens, -1) + mask  # head k*H + j sees kv head j
+    scores = q @ np.swapaxes(k, -1, -2)[:, None]  # [B, K, H, T, S]
+    scores /= q.dtype.type(math.sqrt(head_dim))  # in place: the scores are the largest arrays of a forward
+    scores = scores.reshape(batch, top_k * heads, tokens, -1)  # head k*H + j sees kv head j
+    scores += mask
     # softmax in float32 or better, as HF's eager attention
     return softmax(scores.astype(compute_dtype(q.dtype), copy=False)).astype(q.dtype, copy=False)
 
 
 def attention_probs_backward(d_probs, probs, q, k):
     # d_probs, probs: [B, K*H, T, S], q: [B, K, H, T, Dh], k: [B, H, S, Dh] -> d_q [B, K, H, T, Dh], d_k [B, H, S, Dh]
+    # The 1/sqrt(Dh) scale is applied to d_q and d_k, T/Dh times smaller than the scores it multiplies.
     batch, top_k, heads, tokens, head_dim = q.shape
     d_scores = softmax_backward(d_probs, probs).astype(q.dtype, copy=False)  # the additive mask: no gradient
-    d_scores = d_scores.reshape(batch, top_k, heads, tokens, -1) / q.dtype.type(math.sqrt(head_dim))
+    d_scores = d_scores.reshape(batch, top_k, heads, tokens, -1)  # [B, K, H, T, S]
+    scale = q.dtype.type(1 / math.sqrt(head_dim))
     d_q = d_scores @ k[:, None]  # [B, K, H, T, Dh]
+    d_q *= scale
     d_k = np.sum(np.swapaxes(d_scores, -1, -2) @ q, axis=1)  # [B, H, S, Dh]: kv head j serves query heads k*H + j
+    d_k *= scale
     return d_q, d_k
 
 

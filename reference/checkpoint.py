@@ -54,6 +54,12 @@ class Pretrained:
     def save_pretrained(self, path):
         write_checkpoint(path, self.config, self.state_dict())
 
+    def load_state_dict(self, state):
+        """Make state (names as state_dict() gives them) the model's parameters, validated as a checkpoint is;
+        arrays already in the model's dtype are used as given, not copied (reference.AdamW relies on it)."""
+        base, head = select_tensors(state, self.config, self.head, self.dtype)
+        self.__init__(self.config, base, head)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file or tensor and what is wrong."""

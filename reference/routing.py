@@ -66,8 +66,9 @@ def softmax(x, axis=-1):
 def softmax_backward(d_probs, probs, axis=-1):
     # d_probs, probs: [..., C] -> d_x [..., C]: the Jacobian of softmax is diag(p) - p p^T, so
     # d_x = p * (d_p - sum(d_p * p)). Saves only the probabilities.
-    out = d_probs * probs
-    out -= probs * np.sum(out, axis=axis, keepdims=True)
+    dot = np.sum(d_probs * probs, axis=axis, keepdims=True)
+    out = d_probs - dot
+    out *= probs
     return out
 
 
