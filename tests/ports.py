@@ -85,11 +85,11 @@ def interleaved_rope_bug(layer):
     """Interleaved (GPT-J) RoPE in one layer's attention."""
     original = reference.model.moa
 
-    def moa(x, w, cos, sin, mask, cache, layer_idx, config):
+    def moa(x, w, cos, sin, mask, cache, layer_idx, config, saved=None):
         if layer_idx != layer:
-            return original(x, w, cos, sin, mask, cache, layer_idx, config)
+            return original(x, w, cos, sin, mask, cache, layer_idx, config, saved)
         with patched((reference.attention, "apply_rope", apply_rope_interleaved)):
-            return original(x, w, cos, sin, mask, cache, layer_idx, config)
+            return original(x, w, cos, sin, mask, cache, layer_idx, config, saved)
     return [(reference.model, "moa", moa)]
 
 

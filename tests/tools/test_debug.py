@@ -352,7 +352,7 @@ def test_step_stops_in_pdb_in_the_computing_frame():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "> trace point layers.1.mlp.expert_out (3, 2, 128) float32, computed in moe()" in out
-    assert "(3, 2)" in out and "def moe(x, w, top_k):" in out and "done: stopped at 1 trace points" in out
+    assert "(3, 2)" in out and "def moe(x, w, top_k, saved=None):" in out and "done: stopped at 1 trace points" in out
 
 
 def test_cli_subprocess_exit_status(tmp_path):
