@@ -47,16 +47,19 @@ def cross_entropy(logits, labels):
         return -np.sum(picked) / picked.dtype.type(keep.sum())
 
 
-def cross_entropy_backward(logits, labels):
-    # logits: [M, C], labels: [M] (IGNORE_INDEX skipped) -> d_logits [M, C] of the mean: (softmax - onehot) / kept
-    # rows, zero on ignored rows (NaN if none is kept, as torch). Saves nothing: the softmax is recomputed.
+def cross_entropy_backward(logits, labels, kept=None):
+    # logits: [M, C], labels: [M] (IGNORE_INDEX skipped) -> d_logits [M, C] of the mean: (softmax - onehot) / kept,
+    # zero on ignored rows. kept: the row count the mean is over (default: these rows' kept labels; a batch shard
+    # passes the whole batch's, so a shard that predicts nothing gets zeros, not 0/0). Saves nothing: the softmax
+    # is recomputed.
     logits = logits.astype(compute_dtype(logits.dtype), copy=False)
     keep = labels != IGNORE_INDEX
+    kept = int(keep.sum()) if kept is None else kept
     d_logits = softmax(logits, axis=-1)  # [M, C]
     d_logits[np.flatnonzero(keep), labels[keep]] -= 1
     d_logits[~keep] = 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d_logits /= d_logits.dtype.type(keep.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):  # kept = 0: NaN, as torch's mean over no rows
+        d_logits /= d_logits.dtype.type(kept)
     return d_logits
 
 
@@ -71,9 +74,10 @@ def causal_lm_loss(logits, labels):
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), next_token_labels(labels))
 
 
-def causal_lm_loss_backward(logits, labels):
-    # logits: [B, T, V], labels: [B, T] -> d_logits [B, T, V]
-    return cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), next_token_labels(labels)).reshape(logits.shape)
+def causal_lm_loss_backward(logits, labels, kept=None):
+    # logits: [B, T, V], labels: [B, T], kept: as cross_entropy_backward -> d_logits [B, T, V]
+    return cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), next_token_labels(labels),
+                                  kept).reshape(logits.shape)
 
 
 def _switch_terms(router_logits, num_experts, top_k, attention_mask):

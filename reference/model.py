@@ -308,8 +308,7 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, output_router_
 
     def shard_backward(i):
         s = shards[i]
-        d_logits = causal_lm_loss_backward(parts[i].logits, labels[s])  # [b, T, V], the mean over this shard
-        d_logits *= d_logits.dtype.type(np.count_nonzero(next_token_labels(labels[s]) != IGNORE_INDEX) / kept)
+        d_logits = causal_lm_loss_backward(parts[i].logits, labels[s], kept)  # [b, T, V]: of the whole batch's mean
         token_rows = slice(s.start * tokens, s.stop * tokens)  # this shard's rows of each [N, E]
         return backward(model, saves[i], d_logits.astype(model.dtype, copy=False),
                         [None if d is None else d[token_rows] for d in d_router_logits])

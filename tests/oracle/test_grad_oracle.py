@@ -97,10 +97,14 @@ def test_gradients_match_hf_autograd(case):
                                 aux_loss=aux or "hf")
     assert abs(float(out.loss) - float(want_loss)) <= 1e-12 * max(1.0, abs(float(want_loss)))
     assert set(grads) == set(want), set(grads) ^ set(want)
+    # A tensor whose true gradient is (nearly) zero, e.g. a K=1 router's, comes out as rounding residues of other
+    # terms, ~1e-18 here; no tensor is held to better than float64 rounding (GRAD_RTOL * 1e-8 = 1e-16) of the
+    # model's largest gradient.
+    floor = 1e-8 * max(np.abs(g).max() for g in want.values())
     for name, g in want.items():
-        scale = np.abs(g).max()
+        scale = max(np.abs(g).max(), floor)
         err = np.abs(grads[name] - g).max()
-        assert err <= GRAD_RTOL * max(scale, 1e-300), f"{name}: max err {err:.3e}, largest gradient {scale:.3e}"
+        assert err <= GRAD_RTOL * scale, f"{name}: max err {err:.3e}, largest gradient {scale:.3e}"
 
 
 def test_adamw_and_clipping_match_torch(tmp_path):

@@ -364,6 +364,19 @@ def test_shards_do_not_change_the_gradient(rng, monkeypatch):
         assert_close(grads3[name], grads1[name], 1e-12, name)
 
 
+def test_a_shard_that_predicts_nothing(rng, monkeypatch):
+    # Row 1's labels are -100 after the shift, so its shard holds no predicted token: its loss gradient is zero (it
+    # divides by the whole batch's count), not 0/0 (found by the HF gradient oracle)
+    model, ids, labels, _ = model_case(rng, "E4_K2_H2")
+    labels[1, 1:] = -100
+    monkeypatch.setattr(model_module, "THREADS", 3)
+    _, sharded = value_and_grad(model, ids, labels)
+    monkeypatch.setattr(model_module, "THREADS", 1)
+    _, whole = value_and_grad(model, ids, labels)
+    for name in whole:
+        assert_close(sharded[name], whole[name], 1e-12, name)
+
+
 def test_float32_gradient_within_tolerance_of_float64(rng):
     seed = int(rng.integers(2**32))
     config = JetMoeConfig(**{**dict(vocab_size=61, hidden_size=24, num_hidden_layers=2, intermediate_size=20,
