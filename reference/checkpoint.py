@@ -51,6 +51,14 @@ class Pretrained:
         base, head = select_tensors(tensors, config, cls.head, dtype)
         return cls(config, base, head)
 
+    @classmethod
+    def from_init(cls, config, seed=0, dtype=np.float32):
+        """A freshly initialised model, to train from scratch: HF's JetMoePreTrainedModel._init_weights
+        (initial_parameters)."""
+        tensors = initial_parameters(config, cls.head, np.random.default_rng(seed), model_dtype(dtype))
+        base, head = select_tensors(tensors, config, cls.head, dtype)
+        return cls(config, base, head)
+
     def save_pretrained(self, path):
         write_checkpoint(path, self.config, self.state_dict())
 
@@ -268,6 +276,27 @@ def write_checkpoint(path, config, tensors):
     config.save_pretrained(path)
     save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()},
               os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def initial_parameters(config, head, rng, dtype=np.float32):
+    """HF's JetMoePreTrainedModel._init_weights: every matrix (nn.Linear, nn.Embedding, JetMoeParallelExperts)
+    ~ Normal(0, initializer_range), the embedding's padding_idx row zero, RMSNorm weights 1, the MoA and MoE output
+    biases 0. A tied lm_head is the embedding itself, so it gets no tensor of its own."""
+    shapes = dict(base_parameter_shapes(config))
+    shapes.update(head_parameter_shapes(config, head))
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            out[name] = np.ones(shape, dtype)
+        elif name.endswith(".bias"):
+            out[name] = np.zeros(shape, dtype)
+        else:
+            out[name] = (rng.standard_normal(shape) * config.initializer_range).astype(dtype)
+    if config.pad_token_id is not None:
+        out["embed_tokens.weight"][config.pad_token_id] = 0
+    return out
 
 
 def random_parameters(config, head, rng, std=0.1, dtype=np.float64):

@@ -80,7 +80,7 @@ class AdamW:
 
     def load_state_dict(self, state):
         """Resume from state_dict()'s arrays (copied); every name and shape must match this optimizer's."""
-        expected = set(self.state_dict())
+        expected = set(self.state_dict())  # step: one integer (a safetensors file may hold it as shape [1])
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"optimizer state does not match the model: missing {missing[:4]}, unknown {extra[:4]}")
@@ -90,7 +90,10 @@ class AdamW:
                 if value.shape != p.shape:
                     raise ValueError(f"optimizer state {key}.{name} has shape {value.shape}, the parameter {p.shape}")
                 table[name][...] = value
-        self.steps = int(state["step"])
+        step = np.asarray(state["step"])
+        if step.size != 1 or step.dtype.kind not in "iu" or int(step.reshape(())) < 0:
+            raise ValueError(f"optimizer state step must be one integer >= 0, got {step.dtype} of shape {step.shape}")
+        self.steps = int(step.reshape(()))
 
 
 def clip_grad_norm(grads, max_norm):

