@@ -143,17 +143,19 @@ LOG_SERIES = ["steps", "train_loss", "aux_loss", "grad_norm", "lr",  # one entry
 def new_log(recipe, model, train_ids, validation_ids):
     log = {"config": model.config.to_dict(), "train": recipe, "trainer": "jetmoe train (NumPy reference)",
            "threads": THREADS, "train_tokens": int(len(train_ids)), "validation_tokens": int(len(validation_ids)),
-           "parameters": int(sum(t.size for t in model.state_dict().values())), "train_seconds": 0.0}
+           "parameters": int(sum(t.size for t in model.state_dict().values())),
+           "train_seconds": 0.0, "step_seconds": 0.0}  # the loop's wall clock; the part spent in train_step
     log.update({key: [] for key in LOG_SERIES})
     return log
 
 
 def check_log(log, source):
-    """A resumed log must have new_log's per-step and per-eval lists, as lists, and its train_seconds."""
+    """A resumed log must have new_log's per-step and per-eval lists, as lists, and its two timings."""
     if not isinstance(log, dict) or not all(isinstance(log.get(k), list) for k in LOG_SERIES):
         raise ValueError(f"{source}: log must be an object with the lists {', '.join(LOG_SERIES)}")
-    if isinstance(log.get("train_seconds"), bool) or not isinstance(log.get("train_seconds"), (int, float)):
-        raise ValueError(f"{source}: log.train_seconds must be a number")
+    for key in ["train_seconds", "step_seconds"]:
+        if isinstance(log.get(key), bool) or not isinstance(log.get(key), (int, float)):
+            raise ValueError(f"{source}: log.{key} must be a number")
     return log
 
 
@@ -353,11 +355,12 @@ def main(args):
           f"{recipe['aux_loss_coef']}); starting at step {run.step}; writing {args.out}")
     load = None
     with StopRequest() as stop, tqdm(total=recipe["steps"], initial=run.step, desc="training", unit="step") as bar:
+        started, before = time.perf_counter(), log["train_seconds"]
         while run.step < recipe["steps"] and not stop.requested:
             began = time.perf_counter()
             loss, aux, norm, lr = train_step(run, train_ids)
             seconds = time.perf_counter() - began
-            log["train_seconds"] += seconds
+            log["step_seconds"] += seconds
             for key, value in [("steps", run.step - 1), ("train_loss", loss), ("aux_loss", aux),
                                ("grad_norm", norm), ("lr", lr)]:
                 log[key].append(value)
@@ -370,7 +373,8 @@ def main(args):
                 log["dead_experts"].append(int((load == 0).sum()))
                 log["min_expert_load"].append(float(load.min()))
                 tqdm.write(f"step {run.step}: train loss {loss:.3f}, validation loss {validation:.3f}, dead experts "
-                           f"{log['dead_experts'][-1]}, {log['train_seconds']:.0f} s")
+                           f"{log['dead_experts'][-1]}, {before + time.perf_counter() - started:.0f} s")
+            log["train_seconds"] = before + time.perf_counter() - started  # wall clock: steps, evals, checkpoints
             if run.step % recipe["save_every"] == 0 and run.step < recipe["steps"]:
                 save_checkpoint(run, args.out)
                 write_log(run, args.out, load)
