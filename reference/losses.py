@@ -14,7 +14,8 @@ carries the gradient):
                 routers. Its Switch term is HF's divided by K (c_e counts all K choices): about 1 a router
                 balanced, so about 2L = 48 for jetmoe-8b against HF's 2, a 24x stronger push at equal coefficient.
 
-Notebook: notebooks/05_the_whole_model.ipynb.
+Notebooks: notebooks/05_the_whole_model.ipynb (the losses), 08_backpropagation_through_a_mixture_of_experts.ipynb
+(their gradients, and what the aux loss does to a dead expert).
 """
 
 import numpy as np
