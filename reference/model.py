@@ -314,7 +314,10 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, output_router_
                         [None if d is None else d[token_rows] for d in d_router_logits])
 
     grads = map_threads(shard_backward, range(len(shards)))
-    total = {name: sum(g[name] for g in grads) for name in grads[0]}
+    total = grads[0]  # the shards' sum, accumulated in place into the first shard's arrays (no extra copy)
+    for shard_grads in grads[1:]:
+        for name, g in shard_grads.items():
+            total[name] += g
     out = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits, router_logits=router_logits)
     return out, {name: total[name].astype(t.dtype, copy=False) for name, t in model.state_dict().items()}
 

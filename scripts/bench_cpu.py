@@ -4,11 +4,16 @@ Config "JetMoE-small" (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000) with 
 sides. Measures prefill of 1x512 tokens and decode of 64 tokens with the KV cache at batch 1 (after a 64-token
 prompt), then end-to-end greedy generation (`model.generate` against HF's `generate`, 64 new tokens after a
 16-token prompt, eos disabled so both make every token) at batch 1 and 8 on JetMoE-small and on the bundled
-weights/jetmoe-tiny-shakespeare. Median of repeats; prints a markdown table of seconds and ratios (HF time /
-reference time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
+weights/jetmoe-tiny-shakespeare. Then one training step (forward and backward, `reference.value_and_grad` against
+torch autograd on HF's model, loss.backward()) on the bundled model at 16x256 in float32, with the per-router aux
+loss of its recipe, and the memory of each side's step: the peak RssAnon (sampled every 10 ms) above the process
+with its model loaded, in a fresh process per side (activations, gradients and workspace). Median of repeats; prints markdown tables of seconds and ratios (HF time / reference
+time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
 """
 
 import argparse
+import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -18,11 +23,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from jetmoe import hf_oracle  # noqa: E402
-from reference import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
+from jetmoe.cli import PeakMemory, status_bytes  # noqa: E402
+from reference import JetMoeConfig, JetMoeForCausalLM, value_and_grad  # noqa: E402
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "jetmoe-tiny-shakespeare")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
+RECIPE = json.load(open(os.path.join(ROOT, "configs", "jetmoe-tiny-shakespeare.json")))["train"]  # its training
 SMALL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2,
              num_key_value_heads=8, kv_channels=64, intermediate_size=2816, max_position_embeddings=4096)
 
@@ -80,6 +88,52 @@ def generation_rows(label, ours, hf_model, args):
     return rows
 
 
+def training_sides(batch, tokens):
+    """(reference step, HF step, token count): one training step of the bundled model on batch x tokens random
+    windows each, with the per-router aux loss of its recipe; the reference model in float32, HF's in float32 eager."""
+    ours = JetMoeForCausalLM.from_pretrained(TINY, dtype=np.float32)
+    hf_model = hf_oracle.load_hf(TINY, torch.float32).train()
+    ours.config.aux_loss_coef = hf_model.config.aux_loss_coef = RECIPE["aux_loss_coef"]
+    ids = np.random.default_rng().integers(3, ours.config.vocab_size, size=(batch, tokens))
+    t_ids = torch.from_numpy(ids)
+
+    def run_ours():
+        return value_and_grad(ours, ids, ids, output_router_logits=True, aux_loss="per_router")
+
+    def run_hf():
+        hf_model.zero_grad(set_to_none=True)
+        loss = hf_oracle.hf_loss(hf_model, t_ids, t_ids, None, True, "per_router")
+        loss.backward()
+        return loss, hf_model
+
+    return run_ours, run_hf, ids.size
+
+
+def training_step(args):
+    """(reference s, HF s, tokens) of one training step; both sides must agree first."""
+    run_ours, run_hf, tokens = training_sides(args.train_batch, args.train_tokens)
+    out, grads = run_ours()
+    loss, hf_model = run_hf()
+    # float32 on both sides, different summation orders: the loss agrees to ~1e-6, the gradients to ~1e-4
+    assert abs(float(out.loss) - loss.item()) < 1e-4 * loss.item(), (float(out.loss), loss.item())
+    hf_grad = hf_model.model.layers[0].mlp.input_linear.weight.grad.numpy()
+    err = np.abs(grads["model.layers.0.mlp.input_linear.weight"] - hf_grad).max() / np.abs(hf_grad).max()
+    assert err < 1e-3, f"gradients disagree (rel err {err:.2e}): the benchmark would compare different work"
+    return median_time(run_ours, args.repeats), median_time(run_hf, args.repeats), tokens
+
+
+def activation_bytes(side, batch, tokens, threads):
+    """Peak RssAnon above the resting process during one training step of `side` ("reference" or "hf"), in a fresh
+    process: freed memory that an allocator keeps for reuse would hide the next step's peak in this one."""
+    torch.set_num_threads(threads)
+    run_ours, run_hf, _ = training_sides(batch, tokens)
+    step = run_ours if side == "reference" else run_hf
+    before = status_bytes("RssAnon")
+    with PeakMemory() as peak:
+        step()
+    return peak.anon - before
+
+
 def machine_description(threads):
     cpu = "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
@@ -99,6 +153,8 @@ def main():
     parser.add_argument("--generate-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-tokens", type=int, default=256)
     args = parser.parse_args()
     hf_oracle.check_versions()
     torch.set_num_threads(args.threads)
@@ -130,6 +186,12 @@ def main():
     tiny_ours = JetMoeForCausalLM.from_pretrained(TINY, dtype=np.float32)
     tiny_hf = hf_oracle.load_hf(TINY, torch.float32)
     rows += generation_rows("jetmoe-tiny-shakespeare", tiny_ours, tiny_hf, args)
+    t_ref, t_hf, tokens = training_step(args)
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        ref_bytes, hf_bytes = (pool.apply(activation_bytes, (side, args.train_batch, args.train_tokens, args.threads))
+                               for side in ("reference", "hf"))
+    rows.append((f"training step jetmoe-tiny-shakespeare, {args.train_batch}x{args.train_tokens}", t_ref, t_hf,
+                 tokens))
 
     print(f"Machine: {machine_description(args.threads)}")
     print("Models: JetMoE-small (D=1024, L=8, E=8, K=2, H=8, Dh=64, F=2816, V=32000, random weights) and the "
@@ -138,6 +200,9 @@ def main():
     print("|---|---|---|---|---|---|")
     for name, r, h, n in rows:
         print(f"| {name} | {r:.3f} | {h:.3f} | {n / r:.1f} | {n / h:.1f} | {h / r:.2f} |")
+    print(f"\nMemory of one training step (peak RssAnon above the loaded model: activations, gradients, workspace): "
+          f"reference {ref_bytes / 2**20:.0f} MiB, HF eager with autograd {hf_bytes / 2**20:.0f} MiB "
+          f"({ref_bytes / tokens / 1024:.1f} and {hf_bytes / tokens / 1024:.1f} KiB a token)")
 
 
 if __name__ == "__main__":
