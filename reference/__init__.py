@@ -13,6 +13,8 @@ Shape legend, the one every file of reference/, gpu/ and jetmoe/ points to:
 The modules, in forward order, each with the notebook that walks through it: counting, the whole model at a
 glance (00); norm and rope (01), routing (02), experts (03), attention and cache (04), model, inputs, outputs,
 losses and generation (05); config, checkpoint, weights, tokenizer, precision and trace are its IO and tooling.
+Every op's backward sits beside its forward (`rms_norm_backward` in norm, `moe_backward` in experts, ...), and
+model.value_and_grad runs them in reverse; optim holds AdamW, clip_grad_norm and cosine_lr (08).
 """
 
 from .cache import KVCache
