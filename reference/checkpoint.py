@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from .config import JetMoeConfig
+from .config import JetMoeConfig, directory_file
 from .weights import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
 SAFETENSORS_DTYPES = {
@@ -157,8 +157,7 @@ def read_checkpoint_tensors(path):
     """All tensors of an HF model directory: model.safetensors, or the shards its index lists."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
+    single, index = (checked_file(path, name) for name in ("model.safetensors", "model.safetensors.index.json"))
     if os.path.isfile(single):
         return read_safetensors(single)
     if not os.path.isfile(index):
@@ -169,8 +168,10 @@ def read_checkpoint_tensors(path):
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
     tensors = {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
     for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(path, shard)
+        shard_path = checked_file(path, shard)
         if not os.path.isfile(shard_path):
             raise CheckpointError(f"{index} lists shard {shard!r}, which is missing")
         shard_tensors = read_safetensors(shard_path)
@@ -180,6 +181,14 @@ def read_checkpoint_tensors(path):
                     raise CheckpointError(f"{index} puts tensor {name!r} in {shard!r}, which does not contain it")
                 tensors[name] = shard_tensors[name]
     return tensors
+
+
+def checked_file(directory, name):
+    # -> directory/name, or CheckpointError where name would lead out of the directory (config.directory_file)
+    try:
+        return directory_file(directory, name)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _strip_base_prefix(tensors):

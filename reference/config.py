@@ -9,6 +9,19 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+def directory_file(directory, name):
+    """directory/name for a file a model directory may hold (config.json, a shard, tokenizer.json), checked first:
+    a checkpoint is untrusted input, so `name` must be a plain file name (not `../x` or an absolute path, which an
+    index's weight_map could give) and a link there must not lead out of the directory. ValueError otherwise."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} is not a file name inside the model directory {directory!r}")
+    path = os.path.join(directory, name)
+    root, real = os.path.realpath(directory), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise ValueError(f"{path} leads outside the model directory (to {real})")
+    return path
+
+
 # Keys HF writes into config.json that carry no meaning for the math; kept so a round trip loses nothing.
 _PASSTHROUGH_DEFAULTS = {"model_type": "jetmoe", "architectures": ["JetMoeForCausalLM"]}
 
@@ -121,7 +134,7 @@ class JetMoeConfig:
     def from_pretrained(cls, path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r} does not exist: expected a model directory or a config.json")
-        config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        config_path = directory_file(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json at {config_path!r}")
         with open(config_path) as f:

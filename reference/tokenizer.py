@@ -15,7 +15,7 @@ import os
 import numpy as np
 import tokenizers
 
-from .config import JetMoeConfig
+from .config import JetMoeConfig, directory_file
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a UTF-8 decoder writes for bytes that do not (yet) form a character
 
@@ -70,19 +70,22 @@ class Tokenizer:
         model_dir = os.fspath(model_dir)
         if not os.path.isdir(model_dir):
             raise TokenizerError(f"model directory {model_dir!r} does not exist")
-        tokenizer_path = os.path.join(model_dir, "tokenizer.json")
+        try:
+            tokenizer_path, config_path, options_path = (directory_file(model_dir, name) for name in (
+                "tokenizer.json", "config.json", "tokenizer_config.json"))
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
         if not os.path.isfile(tokenizer_path):
             raise TokenizerError(f"no tokenizer.json in {model_dir}: expected the HF tokenizer file {tokenizer_path}")
         try:
             tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
         except Exception as e:  # the Rust library raises a bare Exception for every parse or schema error
             raise TokenizerError(f"{tokenizer_path} is not a valid tokenizer.json ({e})") from None
-        config_path = os.path.join(model_dir, "config.json")
         try:
             config = JetMoeConfig.from_pretrained(config_path)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot read the bos/eos/pad token ids from {config_path}: {e}") from None
-        add_bos_token = _read_add_bos_token(os.path.join(model_dir, "tokenizer_config.json"))
+        add_bos_token = _read_add_bos_token(options_path)
         try:
             return cls(tokenizer, config.bos_token_id, config.eos_token_id, config.pad_token_id, add_bos_token)
         except TokenizerError as e:

@@ -249,6 +249,57 @@ def test_sharded_checkpoint(seed, rng, tmp_path, cls):
     np.testing.assert_array_equal(outputs(loaded, ids), outputs(want, ids))
 
 
+# A checkpoint directory is untrusted: no name in it (an index's shard, a link) may make the loader read outside it.
+
+def shard_moved_out(tmp_path, model, rng, shard_name):
+    """A sharded checkpoint in tmp_path/model whose index names its first shard `shard_name` (a path out of the
+    directory) where a valid copy of that shard now lies, so only the path check can stop the load."""
+    directory = tmp_path / "model"
+    directory.mkdir()
+    weight_map = write_sharded(directory, model.config, model.state_dict(), rng)
+    outside = tmp_path / "outside.safetensors"
+    os.replace(directory / SHARDS[0], outside)
+    index = {"weight_map": {k: (shard_name(outside) if v == SHARDS[0] else v) for k, v in weight_map.items()}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.mark.parametrize("shard_name", [lambda outside: "../" + outside.name, lambda outside: str(outside)],
+                         ids=["parent", "absolute"])
+def test_an_index_cannot_name_a_shard_outside_the_directory(seed, rng, tmp_path, shard_name):
+    directory = shard_moved_out(tmp_path, untied_causal_lm(seed), rng, shard_name)
+    with pytest.raises(CheckpointError, match="is not a file name inside the model directory"):
+        JetMoeForCausalLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_link_out_of_the_directory_is_refused(seed, tmp_path, name):
+    model = untied_causal_lm(seed)
+    directory, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    model.save_pretrained(directory)
+    elsewhere.mkdir()
+    os.replace(directory / name, elsewhere / name)
+    os.symlink(elsewhere / name, directory / name)  # a valid file, but outside: only the path check refuses it
+    with pytest.raises(ValueError, match="leads outside the model directory"):
+        JetMoeForCausalLM.from_pretrained(directory)
+
+
+def test_a_link_inside_the_directory_is_followed(seed, tmp_path):
+    model = untied_causal_lm(seed)
+    model.save_pretrained(tmp_path)
+    os.replace(tmp_path / "model.safetensors", tmp_path / "weights.bin")
+    os.symlink("weights.bin", tmp_path / "model.safetensors")
+    assert_same_state(JetMoeForCausalLM.from_pretrained(tmp_path, dtype=np.float64).state_dict(), model.state_dict())
+
+
+def test_a_weight_map_that_is_not_names_is_refused(seed, rng, tmp_path):
+    model = untied_causal_lm(seed)
+    write_sharded(tmp_path, model.config, model.state_dict(), rng)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+        JetMoeForCausalLM.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------- file dtypes
 
 FILE_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32}

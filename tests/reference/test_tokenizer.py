@@ -257,6 +257,19 @@ def test_errors_name_the_missing_or_corrupt_file(built_dirs, tmp_path):
         Tokenizer.from_pretrained(no_config)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "config.json"])
+def test_a_link_out_of_the_directory_is_refused(built_dirs, tmp_path, name):
+    path = copy_dir(built_dirs["byte_level"], tmp_path / "model")
+    outside = tmp_path / f"outside-{name}"
+    if (path / name).exists():
+        os.replace(path / name, outside)  # a valid file, but outside: only the path check refuses it
+    else:
+        outside.write_text('{"add_bos_token": true}')
+    os.symlink(outside, path / name)
+    with pytest.raises(TokenizerError, match="leads outside the model directory"):
+        Tokenizer.from_pretrained(path)
+
+
 def test_errors_name_the_bad_setting(built_dirs, tmp_path):
     path = copy_dir(built_dirs["llama_style"], tmp_path / "bad_ids")
     vocab_size = Tokenizer.from_pretrained(path).vocab_size
