@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
 from reference.checkpoint import write_checkpoint
+from reference.config import directory_file
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
 from reference.tokenizer import Tokenizer
@@ -57,7 +58,7 @@ RECIPE = dict(
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
-MAX_STATE_BYTES = 64 << 20  # a trainer_state.json past this is not ours: refuse it rather than parse it
+MAX_STATE_BYTES = 64 << 20  # a trainer_state.json or tokenizer.json past this is not ours: refuse, don't parse
 
 
 def add_arguments(parser):
@@ -101,16 +102,21 @@ def check_recipe(values, source):
     return recipe
 
 
-def read_json(path, what):
+def read_text(path, missing):
+    """The UTF-8 text of path, at most MAX_STATE_BYTES; FileNotFoundError(missing) where there is no file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
+        raise FileNotFoundError(missing)
     if os.path.getsize(path) > MAX_STATE_BYTES:
-        raise ValueError(f"{path} is over {MAX_STATE_BYTES >> 20} MiB: not a {what}")
+        raise ValueError(f"{path} is over {MAX_STATE_BYTES >> 20} MiB: not a file this trainer wrote")
     with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        return f.read()
+
+
+def read_json(path, what):
+    try:
+        return json.loads(read_text(path, f"{what} {path!r} does not exist"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def read_config(path):
@@ -165,7 +171,7 @@ def new_optimizer(model, recipe):
 
 
 def start(args):
-    """-> (Run, Tokenizer, train ids [N_train], validation ids [N_val]) for a new run or a resumed one."""
+    """-> (Run, train ids [N_train], validation ids [N_val]) for a new run or a resumed one."""
     if args.resume:
         if args.tokenizer:
             raise ValueError("--tokenizer cannot be given with --resume: the checkpoint has its tokenizer")
@@ -175,27 +181,29 @@ def start(args):
         recipe["steps"] = args.steps
     train_works, validation_works = corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus)
     if args.tokenizer:
-        if not os.path.isfile(args.tokenizer):
-            raise FileNotFoundError(f"tokenizer file {args.tokenizer!r} does not exist")
-        tokenizer_json = open(args.tokenizer, encoding="utf-8").read()
+        tokenizer_json = read_text(args.tokenizer, f"tokenizer file {args.tokenizer!r} does not exist")
     else:
         tokenizer_json = corpus.train_tokenizer(train_works, config.vocab_size).to_str(pretty=True)
-    tokenizer = reference_tokenizer(tokenizer_json, config)
+    train_ids, validation_ids = token_streams(tokenizer_json, config, train_works, validation_works)
     config = dataclasses.replace(config, aux_loss_coef=float(recipe["aux_loss_coef"]))
     model = JetMoeForCausalLM.from_init(config, seed=recipe["seed"], dtype=np.float32)
-    train_ids = corpus.token_stream(tokenizer, train_works)
-    validation_ids = corpus.token_stream(tokenizer, validation_works)
     run = Run(model, tokenizer_json, recipe, new_optimizer(model, recipe), np.random.default_rng(recipe["seed"]),
               0, new_log(recipe, model, train_ids, validation_ids))
-    return run, tokenizer, train_ids, validation_ids
+    return run, train_ids, validation_ids
 
 
-def reference_tokenizer(tokenizer_json, config):
+def token_streams(tokenizer_json, config, train_works, validation_works):
+    """-> (train ids [N_train], validation ids [N_val]): each split's works tokenized by tokenizer_json, a
+    tokenizer.json's text, which must fit the model's vocabulary."""
     try:
         inner = tokenizers.Tokenizer.from_str(tokenizer_json)
     except Exception as error:  # the tokenizers library raises its own Exception type for a bad file
         raise ValueError(f"not a tokenizer.json: {error}") from None
-    return Tokenizer(inner, config.bos_token_id, config.eos_token_id, config.pad_token_id)
+    tokenizer = Tokenizer(inner, config.bos_token_id, config.eos_token_id, config.pad_token_id)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}")
+    return corpus.token_stream(tokenizer, train_works), corpus.token_stream(tokenizer, validation_works)
 
 
 def resume(args):
@@ -204,7 +212,9 @@ def resume(args):
     path = args.resume
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    state = read_json(os.path.join(path, TRAINER_STATE), "trainer state")
+    state_path, tokenizer_path, optimizer_path = (directory_file(path, name) for name in (
+        TRAINER_STATE, "tokenizer.json", OPTIMIZER_STATE))  # a checkpoint is untrusted: nothing outside it is read
+    state = read_json(state_path, "trainer state")
     if not isinstance(state, dict) or not {"step", "recipe", "rng", "log"} <= set(state):
         raise ValueError(f"{path}/{TRAINER_STATE} must hold step, recipe, rng and log")
     recipe = check_recipe(state["recipe"], f"{path}/{TRAINER_STATE}")
@@ -221,13 +231,10 @@ def resume(args):
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"{path}/{TRAINER_STATE}: rng is not a NumPy PCG64 state: {error}") from None
     model = JetMoeForCausalLM.from_pretrained(path, dtype=np.float32)
-    tokenizer_path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"no tokenizer.json in checkpoint {path!r}")
-    tokenizer_json = open(tokenizer_path, encoding="utf-8").read()
-    tokenizer = reference_tokenizer(tokenizer_json, model.config)
+    tokenizer_json = read_text(tokenizer_path, f"no tokenizer.json in checkpoint {path!r}")
+    train_ids, validation_ids = token_streams(tokenizer_json, model.config,
+                                              *corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus))
     optimizer = new_optimizer(model, recipe)
-    optimizer_path = os.path.join(path, OPTIMIZER_STATE)
     if not os.path.isfile(optimizer_path):
         raise FileNotFoundError(f"no {OPTIMIZER_STATE} in checkpoint {path!r}")
     try:
@@ -235,10 +242,7 @@ def resume(args):
     except Exception as error:  # safetensors raises its own error type for a malformed file
         raise ValueError(f"{optimizer_path} is not a safetensors file: {error}") from None
     optimizer.load_state_dict(optimizer_state)
-    train_works, validation_works = corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus)
-    train_ids = corpus.token_stream(tokenizer, train_works)
-    validation_ids = corpus.token_stream(tokenizer, validation_works)
-    return Run(model, tokenizer_json, recipe, optimizer, rng, step, log), tokenizer, train_ids, validation_ids
+    return Run(model, tokenizer_json, recipe, optimizer, rng, step, log), train_ids, validation_ids
 
 
 def windows(stream, starts, tokens):
@@ -264,6 +268,16 @@ def evaluate(model, validation_ids, recipe):
         router_logits.append(out.router_logits)
     load = expert_load([np.concatenate(r) for r in zip(*router_logits)], model.config.num_experts_per_tok)
     return float(np.mean(losses)), load
+
+
+def record_evaluation(run, validation_ids):
+    """Evaluate and append to the log: validation loss, dead experts, smallest expert share -> the load [2L, E]."""
+    validation, load = evaluate(run.model, validation_ids, run.recipe)
+    run.log["eval_steps"].append(run.step - 1)
+    run.log["validation_loss"].append(validation)
+    run.log["dead_experts"].append(int((load == 0).sum()))
+    run.log["min_expert_load"].append(float(load.min()))
+    return load
 
 
 def train_step(run, train_ids):
@@ -346,7 +360,7 @@ class StopRequest:
 
 
 def main(args):
-    run, _, train_ids, validation_ids = start(args)
+    run, train_ids, validation_ids = start(args)
     os.makedirs(args.out, exist_ok=True)
     recipe, log = run.recipe, run.log
     tokens_per_step = recipe["batch"] * recipe["tokens"]
@@ -367,13 +381,9 @@ def main(args):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             if run.step % recipe["eval_every"] == 0 or run.step == recipe["steps"]:
-                validation, load = evaluate(run.model, validation_ids, recipe)
-                log["eval_steps"].append(run.step - 1)
-                log["validation_loss"].append(validation)
-                log["dead_experts"].append(int((load == 0).sum()))
-                log["min_expert_load"].append(float(load.min()))
-                tqdm.write(f"step {run.step}: train loss {loss:.3f}, validation loss {validation:.3f}, dead experts "
-                           f"{log['dead_experts'][-1]}, {before + time.perf_counter() - started:.0f} s")
+                load = record_evaluation(run, validation_ids)
+                tqdm.write(f"step {run.step}: train loss {loss:.3f}, validation loss {log['validation_loss'][-1]:.3f}, "
+                           f"dead experts {log['dead_experts'][-1]}, {before + time.perf_counter() - started:.0f} s")
             log["train_seconds"] = before + time.perf_counter() - started  # wall clock: steps, evals, checkpoints
             if run.step % recipe["save_every"] == 0 and run.step < recipe["steps"]:
                 save_checkpoint(run, args.out)

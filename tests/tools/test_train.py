@@ -194,6 +194,8 @@ def test_a_bad_config_file_is_reported(corpus_dir, tmp_path, capsys, content, me
     (lambda c: edit_state(c, rng={"bit_generator": "MT19937"}), "rng is not a NumPy PCG64 state"),
     (lambda c: edit_state(c, log={"steps": 3}), "log must be an object with the lists"),
     (lambda c: (c / "tokenizer.json").write_text("[]"), "not a tokenizer.json"),
+    (lambda c: link_out(c, "trainer_state.json"), "leads outside the model directory"),
+    (lambda c: link_out(c, "optimizer.safetensors"), "leads outside the model directory"),
 ])
 def test_a_damaged_checkpoint_is_reported(corpus_dir, tmp_path, capsys, damage, message):
     checkpoint = corrupt_checkpoint(corpus_dir, tmp_path)
@@ -201,6 +203,13 @@ def test_a_damaged_checkpoint_is_reported(corpus_dir, tmp_path, capsys, damage, 
     damage(checkpoint)
     status = train_run(corpus_dir, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"))
     expect_error(capsys, status, message)
+
+
+def link_out(checkpoint, name):
+    """Move checkpoint/name out of the checkpoint and leave a link to it: valid content, but outside."""
+    outside = checkpoint.parent / f"outside-{name}"
+    os.replace(checkpoint / name, outside)
+    os.symlink(outside, checkpoint / name)
 
 
 def edit_state(checkpoint, **changes):
