@@ -15,7 +15,7 @@ def require_cupy():
         import cupy
     except ImportError as e:
         raise GpuUnavailable(
-            "the GPU twin needs CuPy: pip install -e '.[gpu]' (cupy-cuda12x; use cupy-cuda13x with a CUDA 13 "
+            "the GPU twin needs CuPy: pip install -e '.[gpu]' (cupy-cuda13x; use cupy-cuda12x with a CUDA 12 "
             f"driver). Import failed with: {e}") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()

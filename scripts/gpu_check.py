@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build")
-NEEDED = {"cupy": "cupy-cuda12x", "pytest": "pytest", "hypothesis": "hypothesis", "numpy": "numpy",
+NEEDED = {"cupy": "cupy-cuda13x", "pytest": "pytest", "hypothesis": "hypothesis", "numpy": "numpy",
           "safetensors": "safetensors", "ml_dtypes": "ml_dtypes"}
 
 
