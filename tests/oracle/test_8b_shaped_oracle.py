@@ -13,8 +13,9 @@ from paths import ROOT
 from reference import JetMoeForCausalLM
 from reference.weights import MappedWeight
 
-torch = pytest.importorskip("torch", reason="live oracle tests need torch (make setup-oracle)")
-pytest.importorskip("transformers", reason="live oracle tests need transformers==4.56.2 (make setup-oracle)")
+from oracle_env import require_oracle
+
+torch, _ = require_oracle()
 from jetmoe import hf_oracle  # noqa: E402
 
 pytestmark = pytest.mark.oracle

@@ -14,12 +14,9 @@ import tempfile
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="live oracle tests need torch (pip install -e '.[oracle]')")
-transformers = pytest.importorskip("transformers",
-                                   reason="live oracle tests need transformers==4.56.2 (pip install -e '.[oracle]')")
-if transformers.__version__ != "4.56.2":
-    pytest.skip(f"live oracle tests need transformers==4.56.2, found {transformers.__version__}",
-                allow_module_level=True)
+from oracle_env import require_oracle
+
+torch, transformers = require_oracle()
 
 from hypothesis import HealthCheck, example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
