@@ -8,6 +8,7 @@ import numpy as np  # noqa: E402
 
 SMOOTHING = 25  # steps in the running mean of a training curve (one batch's loss is noisy)
 COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:red"]
+CURVE_KEYS = ["steps", "train_loss", "eval_steps", "validation_loss"]  # what plot_loss_curves reads of a log
 
 
 def plot_loss_curves(runs, path, title):

@@ -1,6 +1,6 @@
 """Measure the bundled tiny JetMoE with the NumPy reference and write its model card (README.md and two plots).
 
-    python scripts/model_card.py      # after scripts/train_tiny.py; `make train-tiny` runs both
+    python scripts/model_card.py [--compare build/train/tiny-torch]   # after jetmoe train; make train-tiny runs both
 
 Every figure in the card is computed here, from the committed weights, with the reference (not HF):
 - validation loss and perplexity (reference.losses.mean_loss, windows of the training length, batches of 8: the
@@ -20,14 +20,13 @@ import os
 import re
 import sys
 
-import matplotlib
+import argparse
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from jetmoe import plots  # noqa: E402
 from reference import JetMoeForCausalLM  # noqa: E402
 from reference.losses import mean_loss, windows  # noqa: E402
 from reference.routing import expert_load  # noqa: E402
@@ -56,52 +55,16 @@ def corpus_word_share(texts, vocabulary):
     return sum(w in vocabulary for w in words) / max(len(words), 1), len(words)
 
 
-def plot_loss(log, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = np.array(log["steps"]) + 1
-    train = np.array(log["train_loss"])
-    window = 25
-    smooth = np.convolve(train, np.ones(window) / window, mode="valid")
-    ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="training batch")
-    ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"training ({window}-step mean)")
-    ax.plot(np.array(log["eval_steps"]) + 1, log["validation_loss"], "o-", color="tab:orange", ms=3,
-            label="validation (held-out plays)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("jetmoe-tiny-shakespeare: training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_expert_load(load, num_layers, path):
-    # load: [2L, E]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for j, (ax, kind) in enumerate(zip(axes, ["attention (MoA)", "MLP (MoE)"])):
-        image = ax.imshow(100 * load[j::2], cmap="viridis", vmin=0, vmax=100 * load.max(), aspect="auto")
-        ax.set_title(f"{kind} experts")
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(load.shape[1]))
-        ax.set_yticks(range(num_layers))
-    axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes, label="% of the layer's top-k choices")
-    fig.suptitle(f"Expert load on held-out text (uniform = {100 / load.shape[1]:.1f}%)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def measure():
-    log = json.load(open(os.path.join(MODEL_DIR, "train_log.json")))
-    model = JetMoeForCausalLM.from_pretrained(MODEL_DIR, dtype=np.float32)
-    tokenizer = Tokenizer.from_pretrained(MODEL_DIR)
+def measure(model_dir):
+    log = json.load(open(os.path.join(model_dir, "train_log.json")))
+    model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=np.float32)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
     config = model.config
     context = log["train"]["tokens"]
     train_text = open(os.path.join(CORPUS_DIR, "train.txt"), encoding="utf-8").read()
     validation_text = open(os.path.join(CORPUS_DIR, "validation.txt"), encoding="utf-8").read()
     validation_ids = np.asarray(tokenizer.encode(validation_text), dtype=np.int64)
-    print(f"validation: {len(validation_ids):,} tokens; scoring with the reference ...", flush=True)
+    print(f"{model_dir}: {len(validation_ids):,} validation tokens; scoring with the reference ...", flush=True)
     loss, count = mean_loss(model, validation_ids, context, EVAL_BATCH)
     predicted = np.concatenate([chunk[1:] for chunk in windows(validation_ids, context)])
     baseline = unigram_loss(np.asarray(tokenizer.encode(train_text)), predicted, config.vocab_size)
@@ -115,21 +78,83 @@ def measure():
     batch = np.stack(windows(validation_ids, context)[:LOAD_WINDOWS])  # [W, context]
     out = model.model(input_ids=batch, output_router_logits=True, use_cache=False)
     load = expert_load(out.router_logits, config.num_experts_per_tok)
-    return dict(log=log, config=config, loss=loss, count=count, baseline=baseline, samples=samples, share=share,
+    return dict(model_dir=model_dir, log=log, config=config, loss=loss, count=count, baseline=baseline, samples=samples, share=share,
                 words=words, load=load, load_tokens=int(batch.size), context=context)
 
 
-def card(m):
+TORCH_TRAINER = "scripts/train_tiny_torch.py (HF JetMoeForCausalLM, torch autograd)"  # its logs predate "trainer"
+
+
+def trainer_of(log):
+    return log.get("trainer", TORCH_TRAINER)
+
+
+def trainer_text(log):
+    if trainer_of(log) == TORCH_TRAINER:
+        return (f"HF `JetMoeForCausalLM` (transformers 4.56.2, CPU torch autograd, {log['train']['threads']} "
+                f"threads; scripts/train_tiny_torch.py)")
+    return (f"`jetmoe train` in pure NumPy (reference/'s hand-written backward, `reference.value_and_grad`, and "
+            f"`reference.AdamW`, {log['threads']} threads; no torch)")
+
+
+def aux_coefficient(log):
+    return log["train"].get("aux_loss_coef", log.get("balance_coef"))  # the torch log calls it balance_coef
+
+
+def summary(m):
+    """The figures of a measured model that the comparison table shows (comparison.json keeps them)."""
+    return dict(trainer=trainer_of(m["log"]), loss=m["loss"], count=m["count"], dead=int((m["load"] == 0).sum()),
+                experts=int(m["load"].size), min_load=float(m["load"].min()), seconds=m["log"]["train_seconds"],
+                steps=len(m["log"]["steps"]), log={k: m["log"][k] for k in plots.CURVE_KEYS})
+
+
+def comparison_text(m, other):
+    if other is None:
+        return ""
+    mine = summary(m)
+    rows = [("trainer", mine["trainer"], other["trainer"]),
+            (f"validation perplexity (context {m['context']}, {mine['count']:,} tokens)",
+             f"**{math.exp(mine['loss']):.2f}**", f"**{math.exp(other['loss']):.2f}**"),
+            ("training wall time, 2 CPU cores", f"{mine['seconds'] / 60:.1f} min", f"{other['seconds'] / 60:.1f} min"),
+            ("seconds per step (evaluations included)", f"{mine['seconds'] / mine['steps']:.2f}",
+             f"{other['seconds'] / other['steps']:.2f}"),
+            ("dead experts (validation)", f"{mine['dead']} of {mine['experts']}", f"{other['dead']} of {other['experts']}"),
+            ("smallest expert load", f"{100 * mine['min_load']:.1f}%", f"{100 * other['min_load']:.1f}%")]
+    table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
+    numpy_side, torch_side = (mine, other) if other["trainer"] == TORCH_TRAINER else (other, mine)
+    return f"""
+### The NumPy trainer against the torch one
+
+The same recipe, corpus and tokenizer trained twice: once by `jetmoe train` (pure NumPy), once by
+scripts/train_tiny_torch.py (torch autograd on HF's model). Both were measured here by scripts/model_card.py with
+the reference (the other model's figures are kept in comparison.json, written by `python scripts/model_card.py
+--compare DIR`).
+
+| | this model | compared with |
+|---|---|---|
+{table}
+
+NumPy / torch: perplexity x{math.exp(numpy_side['loss'] - torch_side['loss']):.3f} (goal: at most 1.05), wall time
+x{numpy_side['seconds'] / torch_side['seconds']:.2f} (goal: at most 1.5). The two runs differ in their random draws
+(torch's initial weights; the NumPy trainer predicts {m['context'] - 1} of the {m['context']} tokens of a window, as
+HF's labels=input_ids, the torch trainer all {m['context']} from a window one token longer), not in the recipe.
+{other.get('note', '')}
+
+![loss curves of both trainers](loss_curves_compared.png)
+"""
+
+
+def card(m, other=None):
     log, config, load = m["log"], m["config"], m["load"]
     ppl, unigram_ppl = math.exp(m["loss"]), math.exp(m["baseline"])
     train = log["train"]
-    size_mb = os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors")) / 1e6
+    size_mb = os.path.getsize(os.path.join(m["model_dir"], "model.safetensors")) / 1e6
     dead = int((load == 0).sum())
     rows = "\n".join(f"| {layer} | {' '.join(f'{100 * x:.0f}' for x in load[2 * layer])} | "
                      f"{' '.join(f'{100 * x:.0f}' for x in load[2 * layer + 1])} |"
                      for layer in range(config.num_hidden_layers))
     sample = m["samples"][0]  # as generated: it starts with the newline after the prompt
-    model_arg = "weights/" + os.path.basename(MODEL_DIR)
+    model_arg = os.path.relpath(m["model_dir"], ROOT)
     evaluate = (f"jetmoe evaluate --model {model_arg} --text-file build/corpus/validation.txt "
                 f"--context {m['context']}")
     return f"""# jetmoe-tiny-shakespeare
@@ -141,7 +166,7 @@ mixture-of-experts model that learned something. It is small enough to run in pu
 {config.num_local_experts} experts. It loads in Hugging Face transformers (`JetMoeForCausalLM`) as well as in
 this project's `reference/` and `gpu/`.
 
-Everything here is made by `make train-tiny` (scripts/train_tiny.py, then scripts/model_card.py) from a fixed
+Everything here is made by `make train-tiny` (jetmoe train, then scripts/model_card.py) from a fixed
 seed; the figures below are measured by scripts/model_card.py with the NumPy reference on the committed weights.
 
 ## Architecture
@@ -168,17 +193,17 @@ Twelfth Night, Julius Caesar and The Winter's Tale are held out for validation
 
 ## Training
 
-HF `JetMoeForCausalLM` (transformers 4.56.2, CPU torch, {train['threads']} threads), AdamW (betas 0.9/0.95,
-weight decay {train['weight_decay']}), learning rate {train['lr']} with {train['warmup']} warm-up steps and cosine
-decay to {train['min_lr']}, {train['steps']} steps of {train['batch']} random {train['tokens']}-token windows
-({train['steps'] * train['batch'] * train['tokens'] / 1e6:.1f}M tokens), gradient clipping at {train['clip']},
-plus a Switch load-balancing loss for every router (HF's `load_balancing_loss_func` on each of the
-{2 * config.num_hidden_layers} routers separately, summed, coefficient {log['balance_coef']}; HF's own aux loss
-pools all layers, which let single layers kill experts in a pilot run). It took
+{trainer_text(log)}: AdamW (betas 0.9/0.95, weight decay {train['weight_decay']} on the matrices), learning rate
+{train['lr']} with {train['warmup']} warm-up steps and cosine decay to {train['min_lr']}, {train['steps']} steps of
+{train['batch']} random {train['tokens']}-token windows ({train['steps'] * train['batch'] * train['tokens'] / 1e6:.1f}M
+tokens), gradient clipping at {train['clip']}, plus a Switch load-balancing loss for every router (HF's
+`load_balancing_loss_func` on each of the {2 * config.num_hidden_layers} routers separately, summed, coefficient
+{aux_coefficient(log)}: `aux_loss="per_router"` in reference/losses.py; HF's own aux loss pools all layers, which
+let single layers kill experts in a pilot run). The recipe is configs/jetmoe-tiny-shakespeare.json. It took
 {log['train_seconds'] / 60:.0f} minutes on 2 CPU cores.
 
 ![loss curve](loss_curve.png)
-
+{comparison_text(m, other)}
 ## Quality (validation split, measured with the NumPy reference)
 
 | measure | value |
@@ -232,7 +257,7 @@ jetmoe generate --model {model_arg} --prompt "JULIET:" --seed 3
 ```
 
 `jetmoe` is `.venv/bin/jetmoe` (or `python -m jetmoe`). `make corpus` gives build/corpus/validation.txt, the
-held-out plays, in under a minute (scripts/train_tiny.py --corpus-only: the same text the training run writes);
+held-out plays, in under a minute (jetmoe/corpus.py: the same text the training run reads);
 the evaluate command then prints the validation loss {m['loss']:.4f} and perplexity {ppl:.2f} above.
 
 Limits: a few million parameters trained for {log['train_seconds'] / 60:.0f} minutes make Shakespeare-shaped text,
@@ -240,15 +265,42 @@ not sense. It is for learning and testing JetMoE implementations, nothing else.
 """
 
 
-def main():
-    m = measure()
-    plot_loss(m["log"], os.path.join(MODEL_DIR, "loss_curve.png"))
-    plot_expert_load(m["load"], m["config"].num_hidden_layers, os.path.join(MODEL_DIR, "expert_load.png"))
-    with open(os.path.join(MODEL_DIR, "README.md"), "w") as f:
-        f.write(card(m))
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", help="another model trained on the same recipe (e.g. build/train/tiny-torch "
+                                          "from make train-tiny-torch): measured too, kept in comparison.json")
+    parser.add_argument("--note", help="a sentence on how the two runs were made (e.g. a shared machine), kept in "
+                                       "comparison.json with the figures and printed under the table")
+    parser.add_argument("--model", default=MODEL_DIR, help="the model to measure and write the card of (default "
+                                                           "weights/jetmoe-tiny-shakespeare)")
+    args = parser.parse_args(argv)
+    model_dir = args.model
+    m = measure(model_dir)
+    comparison_path = os.path.join(model_dir, "comparison.json")
+    other = None
+    if args.compare:
+        other = dict(summary(measure(args.compare)), note=args.note or "")
+        with open(comparison_path, "w") as f:
+            json.dump(other, f)
+    elif os.path.isfile(comparison_path):
+        other = json.load(open(comparison_path))
+    plots.plot_loss_curves([("this model", m["log"])], os.path.join(model_dir, "loss_curve.png"),
+                           "jetmoe-tiny-shakespeare: training loss")
+    if other is not None:
+        runs = [(label_of(m["log"]), m["log"]), (label_of(other), other["log"])]
+        plots.plot_loss_curves(runs, os.path.join(model_dir, "loss_curves_compared.png"),
+                               "jetmoe-tiny-shakespeare: the NumPy and torch trainers")
+    plots.plot_expert_load(m["load"], m["config"].num_hidden_layers, os.path.join(model_dir, "expert_load.png"),
+                           "Expert load on held-out text")
+    with open(os.path.join(model_dir, "README.md"), "w") as f:
+        f.write(card(m, other))
     ppl, unigram = math.exp(m["loss"]), math.exp(m["baseline"])
     print(f"validation perplexity {ppl:.2f} (unigram {unigram:.2f}, ratio {ppl / unigram:.3f}); corpus words "
-          f"{100 * m['share']:.1f}%; min expert load {100 * m['load'].min():.1f}%; wrote {MODEL_DIR}/README.md")
+          f"{100 * m['share']:.1f}%; min expert load {100 * m['load'].min():.1f}%; wrote {model_dir}/README.md")
+
+
+def label_of(log_or_summary):
+    return "torch" if trainer_of(log_or_summary) == TORCH_TRAINER else "NumPy"
 
 
 if __name__ == "__main__":
