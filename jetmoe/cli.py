@@ -49,9 +49,7 @@ def load(model_dir, dtype):
             bar.total = total
             bar.update(done - bar.n)
         model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TokenizerError(f"{model_dir}/tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
-                             f"vocab_size is {model.config.vocab_size}")
+    tokenizer.check_fits(model.config.vocab_size, f"{model_dir}/tokenizer.json")
     return model, tokenizer
 
 
@@ -166,13 +164,17 @@ def parser():
 
 
 def main(argv=None):
-    """Runs one tool; a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1."""
+    """Runs one tool; a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1, Ctrl-C exit
+    status 130 (`jetmoe train` catches the first Ctrl-C itself to write a checkpoint)."""
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 def console_main():

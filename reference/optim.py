@@ -79,20 +79,24 @@ class AdamW:
         return state
 
     def load_state_dict(self, state):
-        """Resume from state_dict()'s arrays (copied); every name and shape must match this optimizer's."""
+        """Resume from state_dict()'s arrays (copied); every name, shape and dtype kind must match this optimizer's,
+        and nothing changes unless all do."""
         expected = set(self.state_dict())  # step: one integer (a safetensors file may hold it as shape [1])
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"optimizer state does not match the model: missing {missing[:4]}, unknown {extra[:4]}")
-        for name, p in self.params.items():
-            for key, table in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                value = np.asarray(state[f"{key}.{name}"])
-                if value.shape != p.shape:
-                    raise ValueError(f"optimizer state {key}.{name} has shape {value.shape}, the parameter {p.shape}")
-                table[name][...] = value
         step = np.asarray(state["step"])
         if step.size != 1 or step.dtype.kind not in "iu" or int(step.reshape(())) < 0:
             raise ValueError(f"optimizer state step must be one integer >= 0, got {step.dtype} of shape {step.shape}")
+        moments = {key: np.asarray(value) for key, value in state.items() if key != "step"}
+        for key, value in moments.items():
+            name = key.split(".", 1)[1]
+            if value.shape != self.params[name].shape or value.dtype.kind != "f":
+                raise ValueError(f"optimizer state {key} is {value.dtype} of shape {value.shape}, the parameter "
+                                 f"floating point of shape {self.params[name].shape}")
+        for key, value in moments.items():
+            moment, name = key.split(".", 1)
+            (self.exp_avg if moment == "exp_avg" else self.exp_avg_sq)[name][...] = value
         self.steps = int(step.reshape(()))
 
 

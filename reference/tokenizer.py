@@ -15,7 +15,7 @@ import os
 import numpy as np
 import tokenizers
 
-from .config import JetMoeConfig, directory_file
+from .config import JetMoeConfig, directory_file, read_small_text
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a UTF-8 decoder writes for bytes that do not (yet) form a character
 
@@ -90,6 +90,11 @@ class Tokenizer:
             return cls(tokenizer, config.bos_token_id, config.eos_token_id, config.pad_token_id, add_bos_token)
         except TokenizerError as e:
             raise TokenizerError(f"{config_path} does not fit {tokenizer_path}: {e}") from None
+
+    def check_fits(self, vocab_size, source):
+        """TokenizerError when this tokenizer has more tokens than a model's vocab_size (ids past the embedding)."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(f"{source} has {self.vocab_size} tokens but the model's vocab_size is {vocab_size}")
 
     def encode(self, text):  # str -> list[int], the token ids of text, led by bos when add_bos_token
         """Encode without the tokenizer.json post-processor (add_special_tokens=False), then prepend bos ourselves:
@@ -185,11 +190,10 @@ def _read_add_bos_token(path):  # path of an optional tokenizer_config.json -> b
     """HF's "add_bos_token" key; True when the file or the key is absent, LlamaTokenizerFast's default."""
     if not os.path.isfile(path):
         return True
-    with open(path, encoding="utf-8") as f:
-        try:
-            values = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    try:
+        values = json.loads(read_small_text(path))
+    except ValueError as e:  # not JSON, or too large to be a tokenizer_config.json
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise TokenizerError(f"{path} must hold a JSON object, got {type(values).__name__}")
     add_bos_token = values.get("add_bos_token", True)

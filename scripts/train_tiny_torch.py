@@ -122,7 +122,8 @@ def main(argv=None):
     train_works, validation_works = corpus.split_corpus(corpus.fetch_corpus())
     tok = corpus.train_tokenizer(train_works, MODEL["vocab_size"])
     ids_of = Tokenizer(tok, MODEL["bos_token_id"], MODEL["eos_token_id"], MODEL["pad_token_id"])
-    train_ids, validation_ids = corpus.token_stream(ids_of, train_works), corpus.token_stream(ids_of, validation_works)
+    train_ids, validation_ids = (corpus.token_stream(ids_of, works, MODEL["eos_token_id"])
+                                 for works in (train_works, validation_works))
     print(f"corpus: {len(train_works)} training works ({len(train_ids):,} tokens), {len(validation_works)} "
           f"validation plays ({len(validation_ids):,} tokens); vocab {tok.get_vocab_size()}")
     model, log = train(train_ids, validation_ids)

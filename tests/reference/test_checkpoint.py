@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+from reference.checkpoint import read_safetensors
 
 V, D = 40, 24
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -292,12 +293,34 @@ def test_a_link_inside_the_directory_is_followed(seed, tmp_path):
     assert_same_state(JetMoeForCausalLM.from_pretrained(tmp_path, dtype=np.float64).state_dict(), model.state_dict())
 
 
-def test_a_weight_map_that_is_not_names_is_refused(seed, rng, tmp_path):
+@pytest.mark.parametrize("index, message", [("[]", "not a valid safetensors index"),
+                                            ('{"weight_map": {"a": 3}}', "weight_map must map tensor names")])
+def test_a_malformed_index_is_refused(seed, rng, tmp_path, index, message):
     model = untied_causal_lm(seed)
     write_sharded(tmp_path, model.config, model.state_dict(), rng)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
-    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=message):
         JetMoeForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("entry", [dict(data_offsets=["a", "b"]), dict(data_offsets=[0.0, 8.0]),
+                                   dict(shape=[2.0, 1.0]), dict(shape=[-2, -1])])
+def test_a_header_entry_of_the_wrong_type_is_refused(tmp_path, entry):
+    header = {"x": dict(dict(dtype="F32", shape=[2, 1], data_offsets=[0, 8]), **entry)}
+    write_raw_safetensors(tmp_path / "model.safetensors", {"x": ("F32", np.ones((2, 1), np.float32))},
+                          json.dumps(header).encode())
+    with pytest.raises(CheckpointError, match="malformed header entry"):
+        read_safetensors(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "must hold a JSON object, got list"),
+                                              ('{"rms_norm_eps": "x"}', "config.json: ")])
+def test_a_config_of_the_wrong_shape_is_refused(tmp_path, content, message):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        JetMoeConfig.from_pretrained(tmp_path)
+
+
 
 
 # ---------------------------------------------------------------- file dtypes

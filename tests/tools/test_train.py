@@ -142,12 +142,12 @@ def test_initial_parameters_are_hf_init_weights():
     np.testing.assert_array_equal(tensors["embed_tokens.weight"][MODEL["pad_token_id"]], 0)  # padding_idx row
 
 
-def corrupt_checkpoint(corpus_dir, tmp_path):
-    out = tmp_path / "out"
-    assert train_run(corpus_dir, "--config", write_config(tmp_path / "config.json"), "--out", str(out)) == 0
-    checkpoint = tmp_path / "checkpoint"
-    shutil.copytree(out / "checkpoints" / "step-00002", checkpoint)
-    return checkpoint
+@pytest.fixture(scope="module")
+def good_checkpoint(corpus_dir, tmp_path_factory):
+    """A step-2 checkpoint of a 4-step run, trained once for the module; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("run")
+    assert train_run(corpus_dir, "--config", write_config(out / "config.json"), "--out", str(out)) == 0
+    return out / "checkpoints" / "step-00002"
 
 
 def expect_error(capsys, status, message):
@@ -163,6 +163,9 @@ def expect_error(capsys, status, message):
     ({"betas": [0.9]}, "train.betas must be two numbers in [0, 1)"),
     ({"aux_loss": "switch"}, "train.aux_loss must be one of"),
     ({"tokens": 1}, "train.tokens must be >= 2"),
+    ({"warmup": 0.5}, "train.warmup must be an integer >= 0"),
+    ({"eps": 0}, "train.eps must be a finite number > 0"),
+    ({"clip": 0}, "train.clip must be a finite number > 0"),
 ])
 def test_a_bad_recipe_names_the_key(corpus_dir, tmp_path, capsys, train_section, message):
     config = write_config(tmp_path / "config.json", recipe=train_section)
@@ -195,10 +198,18 @@ def test_a_bad_config_file_is_reported(corpus_dir, tmp_path, capsys, content, me
     (lambda c: edit_state(c, log={"steps": 3}), "log must be an object with the lists"),
     (lambda c: (c / "tokenizer.json").write_text("[]"), "not a tokenizer.json"),
     (lambda c: link_out(c, "trainer_state.json"), "leads outside the model directory"),
+    (lambda c: link_out(c, "tokenizer.json"), "leads outside the model directory"),
+    (lambda c: edit_state(c, step=1), "is at step 2 but"),
+    (lambda c: save_file({k: v.astype(np.int64) if k != "step" else v
+                          for k, v in load_file(str(c / "optimizer.safetensors")).items()},
+                         str(c / "optimizer.safetensors")), "the parameter floating point"),
+    (lambda c: edit_state(c, log=dict(json.loads((c / "trainer_state.json").read_text())["log"],
+                                      train_loss=["x"])), "log.train_loss must hold numbers"),
     (lambda c: link_out(c, "optimizer.safetensors"), "leads outside the model directory"),
 ])
-def test_a_damaged_checkpoint_is_reported(corpus_dir, tmp_path, capsys, damage, message):
-    checkpoint = corrupt_checkpoint(corpus_dir, tmp_path)
+def test_a_damaged_checkpoint_is_reported(corpus_dir, good_checkpoint, tmp_path, capsys, damage, message):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(good_checkpoint, checkpoint)
     capsys.readouterr()
     damage(checkpoint)
     status = train_run(corpus_dir, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"))
@@ -217,6 +228,22 @@ def edit_state(checkpoint, **changes):
     state = json.loads(path.read_text())
     state.update(changes)
     path.write_text(json.dumps(state))
+
+
+def test_a_tokenizer_must_fit_the_model(corpus_dir, tmp_path, capsys):
+    small = dict(MODEL, vocab_size=280)  # the trained tokenizer below has 300 tokens
+    out = tmp_path / "out"
+    assert train_run(corpus_dir, "--config", write_config(tmp_path / "config.json"), "--out", str(out)) == 0
+    capsys.readouterr()
+    status = train_run(corpus_dir, "--config", write_config(tmp_path / "small.json", model=small), "--out",
+                       str(tmp_path / "small"), "--tokenizer", str(out / "tokenizer.json"))
+    expect_error(capsys, status, "the tokenizer has 300 tokens but the model's vocab_size is 280")
+
+
+def test_the_trained_tokenizer_needs_its_special_ids(corpus_dir, tmp_path, capsys):
+    config = write_config(tmp_path / "config.json", model=dict(MODEL, bos_token_id=1, eos_token_id=2))
+    status = train_run(corpus_dir, "--config", config, "--out", str(tmp_path / "out"))
+    expect_error(capsys, status, "the tokenizer trained here has <s>, </s>, <pad> = 0, 1, 2")
 
 
 def test_the_command_line_rejects_tokenizer_with_resume(corpus_dir, tmp_path):
