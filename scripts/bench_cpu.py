@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from jetmoe import hf_oracle  # noqa: E402
 from jetmoe.cli import PeakMemory, status_bytes  # noqa: E402
 from reference import JetMoeConfig, JetMoeForCausalLM, value_and_grad  # noqa: E402
+from reference.weights import THREADS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
@@ -94,7 +95,7 @@ def training_sides(batch, tokens):
     ours = JetMoeForCausalLM.from_pretrained(TINY, dtype=np.float32)
     hf_model = hf_oracle.load_hf(TINY, torch.float32).train()
     ours.config.aux_loss_coef = hf_model.config.aux_loss_coef = RECIPE["aux_loss_coef"]
-    ids = np.random.default_rng().integers(3, ours.config.vocab_size, size=(batch, tokens))
+    ids = np.random.default_rng(0).integers(3, ours.config.vocab_size, size=(batch, tokens))  # both processes alike
     t_ids = torch.from_numpy(ids)
 
     def run_ours():
@@ -116,9 +117,10 @@ def training_step(args):
     loss, hf_model = run_hf()
     # float32 on both sides, different summation orders: the loss agrees to ~1e-6, the gradients to ~1e-4
     assert abs(float(out.loss) - loss.item()) < 1e-4 * loss.item(), (float(out.loss), loss.item())
-    hf_grad = hf_model.model.layers[0].mlp.input_linear.weight.grad.numpy()
-    err = np.abs(grads["model.layers.0.mlp.input_linear.weight"] - hf_grad).max() / np.abs(hf_grad).max()
-    assert err < 1e-3, f"gradients disagree (rel err {err:.2e}): the benchmark would compare different work"
+    for name, p in hf_model.named_parameters():  # a tied lm_head is model.embed_tokens.weight on both sides
+        want = p.grad.numpy()
+        err = np.abs(grads[name] - want).max() / np.abs(want).max()
+        assert err < 1e-3, f"{name}: gradients disagree (rel err {err:.2e}): the timing would compare different work"
     return median_time(run_ours, args.repeats), median_time(run_hf, args.repeats), tokens
 
 
@@ -141,7 +143,7 @@ def machine_description(threads):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{cpu}, {os.cpu_count()} cores, {threads} threads; Python {platform.python_version()}, "
+    return (f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, {THREADS} reference threads; Python {platform.python_version()}, "
             f"NumPy {np.__version__}, torch {torch.__version__}, transformers {hf_oracle.transformers.__version__}")
 
 
@@ -152,7 +154,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--generate-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch's threads (default: the reference's, reference.weights.THREADS)")
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-tokens", type=int, default=256)
     args = parser.parse_args()

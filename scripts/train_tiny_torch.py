@@ -34,17 +34,23 @@ from transformers.models.jetmoe import modeling_jetmoe as hf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from jetmoe import corpus  # noqa: E402
+from jetmoe.train import read_config  # noqa: E402
 from reference.optim import cosine_lr  # noqa: E402
 from reference.tokenizer import Tokenizer  # noqa: E402
 
-CONFIG = json.load(open(os.path.join(ROOT, "configs", "jetmoe-tiny-shakespeare.json")))
+CONFIG_PATH = os.path.join(ROOT, "configs", "jetmoe-tiny-shakespeare.json")
+CONFIG = json.load(open(CONFIG_PATH))
+RECIPE = read_config(CONFIG_PATH)[1]  # the "train" object with jetmoe train's defaults filled in
 OUT_DIR = os.path.join(ROOT, "build", "train", "tiny-torch")
 MODEL = dict(CONFIG["model"], aux_loss_coef=0.01)  # HF's default; the trainer below adds its own balance loss
-SEED = CONFIG["train"]["seed"]
-BALANCE_COEF = CONFIG["train"]["aux_loss_coef"]  # per router: twice the Switch Transformer's alpha
-TRAIN = {k: CONFIG["train"][k] for k in ["steps", "batch", "tokens", "lr", "min_lr", "warmup", "weight_decay",
-                                         "clip", "eval_every", "eval_batches"]}
+SEED = RECIPE["seed"]
+BALANCE_COEF = RECIPE["aux_loss_coef"]  # per router: twice the Switch Transformer's alpha
+TRAIN = {k: RECIPE[k] for k in ["steps", "batch", "tokens", "lr", "min_lr", "warmup", "weight_decay", "clip",
+                                "eval_every", "eval_batches"]}
 TRAIN["threads"] = 2
+if RECIPE["aux_loss"] != "per_router":  # lm_losses below writes that variant in torch
+    raise SystemExit(f"train_tiny_torch implements aux_loss='per_router' only, the config asks for "
+                     f"{RECIPE['aux_loss']!r}")
 
 
 def windows(stream, starts, tokens):
@@ -83,7 +89,8 @@ def train(train_ids, validation_ids):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=TRAIN["lr"], betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=TRAIN["lr"],
+                                  betas=tuple(RECIPE["betas"]), eps=RECIPE["eps"])
     rng = np.random.default_rng(SEED)
     log = {"config": MODEL, "train": TRAIN, "balance_coef": BALANCE_COEF, "steps": [], "train_loss": [],
            "aux_loss": [], "eval_steps": [], "validation_loss": [], "train_tokens": int(len(train_ids)),
