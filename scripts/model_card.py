@@ -83,6 +83,7 @@ def measure(model_dir):
 
 
 TORCH_TRAINER = "scripts/train_tiny_torch.py (HF JetMoeForCausalLM, torch autograd)"  # its logs predate "trainer"
+TORCH_BETAS = [0.9, 0.95]  # what the torch trainer used before its log recorded betas
 
 
 def trainer_of(log):
@@ -97,6 +98,10 @@ def trainer_text(log):
             f"`reference.AdamW`, {log['threads']} threads; no torch)")
 
 
+def threads_of(log):
+    return log.get("threads", log["train"].get("threads"))  # the torch log keeps it in its train recipe
+
+
 def aux_coefficient(log):
     return log["train"].get("aux_loss_coef", log.get("balance_coef"))  # the torch log calls it balance_coef
 
@@ -105,17 +110,22 @@ def summary(m):
     """The figures of a measured model that the comparison table shows (comparison.json keeps them)."""
     return dict(trainer=trainer_of(m["log"]), loss=m["loss"], count=m["count"], dead=int((m["load"] == 0).sum()),
                 experts=int(m["load"].size), min_load=float(m["load"].min()), seconds=m["log"]["train_seconds"],
-                steps=len(m["log"]["steps"]), log={k: m["log"][k] for k in plots.CURVE_KEYS})
+                steps=len(m["log"]["steps"]), threads=threads_of(m["log"]),
+                log={k: m["log"][k] for k in plots.CURVE_KEYS})
 
 
 def comparison_text(m, other):
     if other is None:
         return ""
     mine = summary(m)
+    if {label_of(mine), label_of(other)} != {"NumPy", "torch"}:
+        raise SystemExit(f"the comparison is of the NumPy trainer with the torch one; got {mine['trainer']} and "
+                         f"{other['trainer']}")
     rows = [("trainer", mine["trainer"], other["trainer"]),
             (f"validation perplexity (context {m['context']}, {mine['count']:,} tokens)",
              f"**{math.exp(mine['loss']):.2f}**", f"**{math.exp(other['loss']):.2f}**"),
-            ("training wall time, 2 CPU cores", f"{mine['seconds'] / 60:.1f} min", f"{other['seconds'] / 60:.1f} min"),
+            ("training wall time", f"{mine['seconds'] / 60:.1f} min, {mine['threads']} threads",
+             f"{other['seconds'] / 60:.1f} min, {other['threads']} threads"),
             ("seconds per step (evaluations included)", f"{mine['seconds'] / mine['steps']:.2f}",
              f"{other['seconds'] / other['steps']:.2f}"),
             ("dead experts (validation)", f"{mine['dead']} of {mine['experts']}", f"{other['dead']} of {other['experts']}"),
@@ -193,14 +203,14 @@ Twelfth Night, Julius Caesar and The Winter's Tale are held out for validation
 
 ## Training
 
-{trainer_text(log)}: AdamW (betas 0.9/0.95, weight decay {train['weight_decay']} on the matrices), learning rate
+{trainer_text(log)}: AdamW (betas {'/'.join(str(b) for b in train.get('betas', TORCH_BETAS))}, weight decay {train['weight_decay']} on the matrices), learning rate
 {train['lr']} with {train['warmup']} warm-up steps and cosine decay to {train['min_lr']}, {train['steps']} steps of
 {train['batch']} random {train['tokens']}-token windows ({train['steps'] * train['batch'] * train['tokens'] / 1e6:.1f}M
 tokens), gradient clipping at {train['clip']}, plus a Switch load-balancing loss for every router (HF's
 `load_balancing_loss_func` on each of the {2 * config.num_hidden_layers} routers separately, summed, coefficient
 {aux_coefficient(log)}: `aux_loss="per_router"` in reference/losses.py; HF's own aux loss pools all layers, which
 let single layers kill experts in a pilot run). The recipe is configs/jetmoe-tiny-shakespeare.json. It took
-{log['train_seconds'] / 60:.0f} minutes on 2 CPU cores.
+{log['train_seconds'] / 60:.0f} minutes on {threads_of(log)} threads of a 2-core CPU.
 
 ![loss curve](loss_curve.png)
 {comparison_text(m, other)}
