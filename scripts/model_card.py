@@ -102,6 +102,14 @@ def threads_of(log):
     return log.get("threads", log["train"].get("threads"))  # the torch log keeps it in its train recipe
 
 
+def made_by(log):
+    if trainer_of(log) == TORCH_TRAINER:
+        return ("These weights were trained by scripts/train_tiny_torch.py (torch autograd; `make train-tiny-torch` "
+                "writes them to build/train/tiny-torch) and this card written by scripts/model_card.py; `make "
+                "train-tiny` trains the same recipe in pure NumPy instead")
+    return "Everything here is made by `make train-tiny` (jetmoe train, then scripts/model_card.py)"
+
+
 def aux_coefficient(log):
     return log["train"].get("aux_loss_coef", log.get("balance_coef"))  # the torch log calls it balance_coef
 
@@ -112,6 +120,16 @@ def summary(m):
                 experts=int(m["load"].size), min_load=float(m["load"].min()), seconds=m["log"]["train_seconds"],
                 steps=len(m["log"]["steps"]), threads=threads_of(m["log"]),
                 log={k: m["log"][k] for k in plots.CURVE_KEYS})
+
+
+def kept_text(mine, other):
+    # which model the repository ships, and why: a retrained model replaces the committed one only if it is at
+    # least as good on validation
+    if mine["loss"] <= other["loss"]:
+        return (f"The committed weights are this model's: the {label_of(other)} run scored "
+                f"{100 * (math.exp(other['loss'] - mine['loss']) - 1):.1f}% worse in perplexity.")
+    return (f"The {label_of(other)} model is better and should replace these weights "
+            f"({100 * (1 - math.exp(other['loss'] - mine['loss'])):.1f}% lower perplexity).")
 
 
 def comparison_text(m, other):
@@ -148,7 +166,7 @@ NumPy / torch: perplexity x{math.exp(numpy_side['loss'] - torch_side['loss']):.3
 x{numpy_side['seconds'] / torch_side['seconds']:.2f} (goal: at most 1.5). The two runs differ in their random draws
 (torch's initial weights; the NumPy trainer predicts {m['context'] - 1} of the {m['context']} tokens of a window, as
 HF's labels=input_ids, the torch trainer all {m['context']} from a window one token longer), not in the recipe.
-{other.get('note', '')}
+{other.get('note', '')} {kept_text(mine, other)}
 
 ![loss curves of both trainers](loss_curves_compared.png)
 """
@@ -176,8 +194,8 @@ mixture-of-experts model that learned something. It is small enough to run in pu
 {config.num_local_experts} experts. It loads in Hugging Face transformers (`JetMoeForCausalLM`) as well as in
 this project's `reference/` and `gpu/`.
 
-Everything here is made by `make train-tiny` (jetmoe train, then scripts/model_card.py) from a fixed
-seed; the figures below are measured by scripts/model_card.py with the NumPy reference on the committed weights.
+{made_by(log)}. Training starts from a fixed seed; the figures below are measured by scripts/model_card.py with
+the NumPy reference on the committed weights.
 
 ## Architecture
 
