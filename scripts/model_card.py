@@ -312,6 +312,11 @@ def main(argv=None):
             json.dump(other, f)
     elif os.path.isfile(comparison_path):
         other = json.load(open(comparison_path))
+        if label_of(other) == label_of(m["log"]):  # e.g. make train-tiny replaced the weights the file was made for
+            print(f"{comparison_path} holds a {label_of(other)}-trained model too: the card has no comparison; "
+                  f"run scripts/model_card.py --compare DIR with the other trainer's model")
+            os.remove(comparison_path)
+            other = None
     plots.plot_loss_curves([("this model", m["log"])], os.path.join(model_dir, "loss_curve.png"),
                            "jetmoe-tiny-shakespeare: training loss")
     if other is not None:
