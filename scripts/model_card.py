@@ -315,7 +315,9 @@ def main(argv=None):
         if label_of(other) == label_of(m["log"]):  # e.g. make train-tiny replaced the weights the file was made for
             print(f"{comparison_path} holds a {label_of(other)}-trained model too: the card has no comparison; "
                   f"run scripts/model_card.py --compare DIR with the other trainer's model")
-            os.remove(comparison_path)
+            for stale in (comparison_path, os.path.join(model_dir, "loss_curves_compared.png")):
+                if os.path.exists(stale):
+                    os.remove(stale)
             other = None
     plots.plot_loss_curves([("this model", m["log"])], os.path.join(model_dir, "loss_curve.png"),
                            "jetmoe-tiny-shakespeare: training loss")
