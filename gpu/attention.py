@@ -11,7 +11,9 @@ all S keys, as HF's float32 eager attention (finfo.min, not -inf).
 
 The kernel is picked on the host from shapes only (no device sync): "prefill" (one block per 32 queries of a
 head, online softmax over key tiles) or, for a few queries against many keys, "decode" (split-K over the keys,
-partials merged by a second kernel in a fixed order; no atomics, so results are bitwise reproducible).
+partials merged by a second kernel in a fixed order; no atomics, so results are bitwise reproducible). "naive"
+(one thread per query row, three plain passes over the keys) is never picked: kernel_kind="naive" forces it, the
+first rung that the tests hold the other two to.
 `plan_attention` holds that choice and every launch size; tests/gpu/host/test_attention_host.py checks it on the CPU.
 
 CUDA graphs: with a StaticKVCache (gpu/cache.py) pass num_keys=cache.num_keys (a device int64 [1]: the kernels
@@ -39,6 +41,7 @@ __all__ = ["attention", "plan_attention", "choose_kernel", "decode_split", "work
 MAX_HEAD_DIM = 128  # the kernels keep a query row as 4 chunks of 32 lanes
 PREFILL_ROWS = 32  # query rows per prefill block (4 warps x 8 rows)
 PREFILL_THREADS = 128  # attention_prefill_* needs exactly 128 (4 warps)
+NAIVE_THREADS = 128  # query rows per attention_naive_* block (any size works)
 DECODE_ROWS = 4  # query rows (k, t) of one kv head per decode block
 DECODE_THREADS = 128  # attention_decode_* needs exactly 128 (4 warps; one thread per head dim in the merge)
 DECODE_KEY_ROUND = 128  # keys the 4 warps of a decode block take per round (32 each): chunks are multiples
@@ -53,7 +56,7 @@ NULL = np.uint64(0)  # a null pointer argument (8 bytes, like a device pointer)
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    kernel: str  # "prefill" or "decode"
+    kernel: str  # "prefill", "decode" or "naive"
     grid: tuple  # of the attention kernel
     block: tuple
     num_splits: int = 1  # decode: key splits (1: the decode kernel writes the context itself)
@@ -92,13 +95,15 @@ def plan_attention(batch, q_heads, heads, tokens, num_keys, num_sms, num_splits=
     kind = kernel_kind or choose_kernel(batch, q_heads, tokens, num_sms)
     if kind == "prefill":
         plan = AttentionPlan("prefill", (_ceil_div(tokens, PREFILL_ROWS), q_heads, batch), (PREFILL_THREADS,))
+    elif kind == "naive":
+        plan = AttentionPlan("naive", (_ceil_div(q_heads * tokens, NAIVE_THREADS), 1, batch), (NAIVE_THREADS,))
     elif kind == "decode":
         row_groups = _ceil_div(top_k * tokens, DECODE_ROWS)
         splits, chunk = decode_split(num_keys, batch * heads * row_groups, num_sms, num_splits)
         plan = AttentionPlan("decode", (splits, heads, batch * row_groups), (DECODE_THREADS,), splits, chunk,
                              (tokens, q_heads, batch) if splits > 1 else None)
     else:
-        raise ValueError(f"kernel_kind must be 'prefill' or 'decode', got {kernel_kind!r}")
+        raise ValueError(f"kernel_kind must be 'prefill', 'decode' or 'naive', got {kernel_kind!r}")
     for grid in (plan.grid, plan.combine_grid or (1, 1, 1), (tokens, q_heads, batch)):
         if max(grid[1:]) > MAX_GRID_YZ:
             raise ValueError(f"attention: grid {grid} exceeds CUDA's {MAX_GRID_YZ} blocks in y or z")
@@ -171,7 +176,7 @@ def attention(q, k, v, cache_position, attention_mask, top_k, output_probs=False
     # and probs [B, K*H, T, S] float32 (into `probs_out`) when output_probs.
     # num_keys: device int64 [1] or None: use that many keys (<= S; StaticKVCache.num_keys).
     # workspace: float32 device array of >= workspace_size(plan, ...) elements for split decode, or None.
-    # kernel_kind ('prefill'/'decode') and num_splits force the host's choice (tests).
+    # kernel_kind ('prefill'/'decode'/'naive') and num_splits force the host's choice (tests).
     cp = require_cupy()
     batch, q_heads, tokens, head_dim, heads, keys = _check(cp, q, k, v, top_k)
     plan = plan_attention(batch, q_heads, heads, tokens, keys, _num_sms(cp.cuda.Device().id), num_splits,
@@ -206,8 +211,9 @@ def attention(q, k, v, cache_position, attention_mask, top_k, output_probs=False
     sqrt_dh = np.float32(math.sqrt(head_dim))  # the reference divides the scores by float32(sqrt(Dh))
     qkv = (q, q_sb, q_sh, q_st, k, k_sb, k_sh, k_ss, v, v_sb, v_sh, v_ss, positions, mask, mask_sb, keys_dev)
 
-    if plan.kernel == "prefill":
-        kernel("attention", f"attention_prefill_{suffix}")(plan.grid, plan.block, qkv + (out,) + common + (sqrt_dh,))
+    if plan.kernel in ("prefill", "naive"):  # the same arguments
+        kernel("attention", f"attention_{plan.kernel}_{suffix}")(plan.grid, plan.block,
+                                                                  qkv + (out,) + common + (sqrt_dh,))
     else:
         need = workspace_size(plan, batch, q_heads, tokens, head_dim)
         if need == 0:

@@ -21,6 +21,8 @@ Paths (select_path, from shapes only, never a host sync):
         N = 16, the second mostly from L2). Decode is this case.
   mma   otherwise, bf16 weights on sm_80+: tensor cores, A rounded to bf16 when staged (float32 accumulate).
   simt  otherwise: float32 weights (exact float32 FMAs), or bf16 weights before sm_80.
+  naive never chosen; path="naive" forces it: one thread per output, a plain dot product (the first rung, the
+        tests' oracle for the three above).
 Weights are float32 or bf16 carried as raw uint16 bits; activations and results are float32.
 """
 
@@ -34,7 +36,7 @@ from .routing import max_blocks, top_k_gating
 
 OP = "expert_gemm"
 VARIANTS = ("moe_in", "moe_out", "moa_map", "moa_reduce")
-PATHS = ("simt", "mma", "gemv")
+PATHS = ("naive", "simt", "mma", "gemv")
 GATHER_BY_TOKEN = ("moe_in", "moa_map")  # A has one row per token [N, k_in]; the others one per slot [NK, k_in]
 
 GEMV_MAX_TOKENS = 16  # gemv when N <= this (see the module docstring); an untuned first choice
@@ -46,6 +48,8 @@ SIMT_THREADS = 256
 MMA_THREADS = 128
 GEMV_COLS = 8  # GEMV_WARPS: one warp per output column
 GEMV_THREADS = 256
+NAIVE_THREADS = 256
+NAIVE_MAX_BLOCKS = 1 << 20  # grid-stride loop beyond this
 COMBINE_THREADS = 256
 COMBINE_MAX_BLOCKS = 1 << 20  # grid-stride loop beyond this
 MAX_GRID_X = 2**31 - 1
@@ -114,13 +118,16 @@ def check_shapes(variant, a_shape, weight_shape, num_slots, top_k, num_experts):
 
 def launch_config(path, num_slots, num_experts, block_rows, n_out):
     """(grid, block) of one expert GEMM launch."""
-    if path == "gemv":
+    if path == "naive":
+        grid = (max(1, min(-(-(num_slots * n_out) // NAIVE_THREADS), NAIVE_MAX_BLOCKS)),)
+        block = (NAIVE_THREADS,)
+    elif path == "gemv":
         grid = (num_experts, -(-n_out // GEMV_COLS))
         block = (GEMV_THREADS,)
     else:
         grid = (max_blocks(num_slots, num_experts, block_rows), -(-n_out // TILE_COLS))
         block = (SIMT_THREADS if path == "simt" else MMA_THREADS,)
-    if grid[0] > MAX_GRID_X or grid[1] > MAX_GRID_Y:
+    if grid[0] > MAX_GRID_X or any(g > MAX_GRID_Y for g in grid[1:]):
         raise ValueError(f"expert GEMM grid {grid} exceeds the CUDA limits (n_out={n_out} too large)")
     return grid, block
 
@@ -148,7 +155,7 @@ def expert_gemm(a, weights, plan, variant, out=None, path=None):
 
     a: float32, [N, k_in] for moe_in / moa_map, [NK, k_in] for moe_out / moa_reduce; weights [E, rows, k_in]
     float32 or uint16 (bf16 bits); out: an optional C-contiguous float32 [NK, n_out] to write into;
-    path: None (select_path) or 'simt' | 'mma' | 'gemv'.
+    path: None (select_path) or 'naive' | 'simt' | 'mma' | 'gemv'.
     """
     cp = require_cupy()
     num_slots, top_k, num_experts = plan.num_slots, plan.top_k, plan.num_experts

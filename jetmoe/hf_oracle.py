@@ -22,6 +22,8 @@ import transformers
 from transformers.loss import loss_utils
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
+from reference.checkpoint import is_norm_weight
+
 REQUIRED_TRANSFORMERS = "4.56.2"
 # float32 router logits err ~1e-6; a larger top-k gap (float64 HF) means float32 picks the same experts everywhere
 MIN_ROUTER_MARGIN = 1e-3
@@ -110,7 +112,7 @@ def randomize(model, seed, clear_margin=True):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if is_norm_weight(name):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float64))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))

@@ -110,6 +110,17 @@ def head_parameter_shapes(config, head):
             "sequence_classification": {"score.weight": (config.num_labels, config.hidden_size)}}[head]
 
 
+def all_parameter_shapes(config, head):
+    """HF name (base names without prefix) -> shape, for the base model plus `head`'s tensors; a tied lm_head is
+    listed too (HF re-ties it to embed_tokens on load)."""
+    return {**base_parameter_shapes(config), **head_parameter_shapes(config, head)}
+
+
+def is_norm_weight(name):
+    """True for an RMSNorm weight (input_layernorm, post_attention_layernorm, the final norm): HF inits them to 1."""
+    return name.endswith("norm.weight")
+
+
 def _read_header(path):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -215,8 +226,7 @@ def select_tensors(tensors, config, head, dtype, max_memory=None, progress=None)
     """
     dtype = model_dtype(dtype)
     tensors = _strip_base_prefix(tensors)
-    expected = dict(base_parameter_shapes(config))
-    expected.update(head_parameter_shapes(config, head))
+    expected = all_parameter_shapes(config, head)
     tied = head == "causal_lm" and config.tie_word_embeddings
     ignorable = {n for h in HEAD_TENSORS.values() for n in h} - set(HEAD_TENSORS[head])
     if tied:
@@ -294,13 +304,12 @@ def initial_parameters(config, head, rng, dtype=np.float32):
     """HF's JetMoePreTrainedModel._init_weights: every matrix (nn.Linear, nn.Embedding, JetMoeParallelExperts)
     ~ Normal(0, initializer_range), the embedding's padding_idx row zero, RMSNorm weights 1, the MoA and MoE output
     biases 0. A tied lm_head is the embedding itself, so it gets no tensor of its own."""
-    shapes = dict(base_parameter_shapes(config))
-    shapes.update(head_parameter_shapes(config, head))
+    shapes = all_parameter_shapes(config, head)
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     out = {}
     for name, shape in shapes.items():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        if is_norm_weight(name):
             out[name] = np.ones(shape, dtype)
         elif name.endswith(".bias"):
             out[name] = np.zeros(shape, dtype)
@@ -313,11 +322,9 @@ def initial_parameters(config, head, rng, dtype=np.float32):
 
 def random_parameters(config, head, rng, std=0.1, dtype=np.float64):
     """Random tensors with every parameter non-trivial (biases != 0, norm weights != 1): for tests and benches."""
-    shapes = dict(base_parameter_shapes(config))
-    shapes.update(head_parameter_shapes(config, head))
     out = {}
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+    for name, shape in all_parameter_shapes(config, head).items():
+        if is_norm_weight(name):
             out[name] = rng.uniform(0.5, 1.5, size=shape).astype(dtype)
         else:
             out[name] = (rng.standard_normal(shape) * std).astype(dtype)

@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu.device import require_cupy  # noqa: E402
 from gpu.model import JetMoeForCausalLM  # noqa: E402
-from reference.checkpoint import base_parameter_shapes  # noqa: E402
+from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
 
 EIGHT_B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_local_experts=8, num_experts_per_tok=2,
@@ -43,7 +43,7 @@ def device_weights(config, seed):
     rng = cp.random.default_rng(seed)
     tensors = {}
     for name, shape in base_parameter_shapes(config).items():
-        if name.endswith(("norm.weight", "layernorm.weight")):
+        if is_norm_weight(name):
             tensors[name] = (0.5 + rng.random(shape, dtype=cp.float32)).astype(cp.float32)
         elif name.endswith(FLOAT32_ALWAYS):
             tensors[name] = (0.02 * rng.standard_normal(shape, dtype=cp.float32)).astype(cp.float32)

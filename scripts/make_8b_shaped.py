@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from reference.checkpoint import base_parameter_shapes  # noqa: E402
+from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "build", "jetmoe-8b-shaped")
@@ -50,7 +50,7 @@ def tensor_seed(name):
 def draw(name, shape):
     # -> bf16 bits [shape] uint16, from a generator seeded by the name
     rng = np.random.default_rng(tensor_seed(name))
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    if is_norm_weight(name):
         values = rng.uniform(0.8, 1.2, size=shape).astype(np.float32)
     else:
         std = 0.1 if "router" in name else 0.01 if name.endswith("bias") else 0.02

@@ -29,6 +29,9 @@
 // atomics: results are bitwise reproducible run to run.
 //
 // Kernels
+//   attention_naive_{f32,bf16}     grid (ceil(KH*T/128), 1, B), block 128: one thread per query row, three plain
+//                                  passes over the keys. The first rung: never chosen by the host, forced with
+//                                  kernel_kind="naive"; the tests' oracle for the kernels below.
 //   attention_prefill_{f32,bf16}   grid (ceil(T/32), KH, B), block 128: 4 warps x 8 query rows, 32-key tiles
 //                                  staged in shared memory (K, then V in the same buffer). The block first works
 //                                  out the key range it needs: keys past max(cache_position) of its rows, and
@@ -52,6 +55,11 @@
 //   kv_cache_advance               one block: the static cache's step, on the device (capturable): with
 //                                  offsets = [start, end]: start = end, end += tokens; positions[t] = old end + t;
 //                                  attention_mask[b, old end + t] = 1 (each pointer optional).
+//
+// Reading order: the mask semantics and the online softmax above; key_visible, naive_score and attention_naive
+// (the whole computation); attention_prefill (the same softmax, online over 32-key tiles in shared memory);
+// attention_decode and attention_decode_combine (split-K for few queries); attention_probs_row; the KV-cache
+// writes and kv_cache_advance.
 #include "common.cuh"
 
 #define ATT_DMAX 128              // largest head dim
@@ -86,6 +94,58 @@ __device__ __forceinline__ void store_from_float(bf16_bits* p, long long i, floa
 __device__ __forceinline__ long long keys_in_use(const long long* num_keys_dev, long long num_keys) {
     if (num_keys_dev == nullptr) return num_keys;
     return att_max(0, att_min(num_keys_dev[0], num_keys));
+}
+
+// ------------------------------------------------------------------------------------------------ naive
+
+// The first rung (llm.c's dev/cuda style): one thread per query row (qh, t) of batch row b = blockIdx.z, three
+// plain passes over the keys (the row max, the softmax sum, then the probability-weighted sum of V written
+// straight into the row's context). No shared memory, no tiles, no online rescaling: slow, and plainly the
+// reference's softmax(q k^T / sqrt(Dh) + mask) v. The GPU tests' oracle between the NumPy model and the prefill
+// and decode kernels. Same arguments and mask rule as prefill; grid (ceil(KH*T / 128), 1, B), block 128.
+
+// Whether key s is visible to a query at position pos (the mask rule above); mrow: the batch row's mask or null.
+__device__ __forceinline__ bool key_visible(long long s, long long pos, const long long* mrow) {
+    return s <= pos && (mrow == nullptr || mrow[s] != 0);
+}
+
+// The masked, scaled score of one key: q . k / sqrt(Dh), or -FLT_MAX when hidden (HF: + finfo.min).
+template <typename KV>
+__device__ __forceinline__ float naive_score(const float* qrow, const KV* krow, long long head_dim, bool visible,
+                                             float sqrt_dh) {
+    float dot = 0.0f;
+    for (long long d = 0; d < head_dim; ++d) dot = fmaf(qrow[d], load_as_float(krow, d), dot);
+    return visible ? dot / sqrt_dh : ATT_NEG_MAX;
+}
+
+template <typename KV>
+__device__ __forceinline__ void attention_naive(
+    const float* __restrict__ q, long long q_sb, long long q_sh, long long q_st,
+    const KV* __restrict__ k, long long k_sb, long long k_sh, long long k_ss,
+    const KV* __restrict__ v, long long v_sb, long long v_sh, long long v_ss,
+    const long long* __restrict__ cache_position, const long long* __restrict__ attention_mask, long long mask_sb,
+    const long long* __restrict__ num_keys_dev, float* __restrict__ context,
+    long long tokens, long long num_keys, long long heads, long long q_heads, long long head_dim, float sqrt_dh) {
+    const long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.z;
+    if (row >= q_heads * tokens) return;
+    const long long qh = row / tokens, t = row % tokens, j = qh % heads, pos = cache_position[t];
+    const long long n_keys = keys_in_use(num_keys_dev, num_keys);
+    const float* qrow = q + b * q_sb + qh * q_sh + t * q_st;
+    const KV* kb = k + b * k_sb + j * k_sh;
+    const KV* vb = v + b * v_sb + j * v_sh;
+    const long long* mrow = attention_mask == nullptr ? nullptr : attention_mask + b * mask_sb;
+    float* out = context + ((b * tokens + t) * q_heads + qh) * head_dim;  // [B, T, KH, Dh]
+    float m = ATT_NEG_MAX;
+    for (long long s = 0; s < n_keys; ++s)
+        m = fmaxf(m, naive_score(qrow, kb + s * k_ss, head_dim, key_visible(s, pos, mrow), sqrt_dh));
+    float l = 0.0f;
+    for (long long s = 0; s < n_keys; ++s)
+        l += expf(naive_score(qrow, kb + s * k_ss, head_dim, key_visible(s, pos, mrow), sqrt_dh) - m);
+    for (long long d = 0; d < head_dim; ++d) out[d] = 0.0f;
+    for (long long s = 0; s < n_keys; ++s) {
+        const float p = expf(naive_score(qrow, kb + s * k_ss, head_dim, key_visible(s, pos, mrow), sqrt_dh) - m) / l;
+        for (long long d = 0; d < head_dim; ++d) out[d] = fmaf(p, load_as_float(vb + s * v_ss, d), out[d]);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------ prefill
@@ -267,6 +327,15 @@ __device__ __forceinline__ void attention_prefill(
 
 // grid (ceil(T/32), KH, B), block 128 (exactly). Launch bounds: 3 blocks/SM, so ptxas may use up to 170
 // registers (without the hint it caps sm_80 at 128 and spills).
+// grid (ceil(KH*T / 128), 1, B), block 128 (any block size works).
+extern "C" __global__ void __launch_bounds__(128) attention_naive_f32(PREFILL_PARAMS(float)) {
+    attention_naive<float>(PREFILL_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_naive_bf16(PREFILL_PARAMS(bf16_bits)) {
+    attention_naive<bf16_bits>(PREFILL_ARGS);
+}
+
 extern "C" __global__ void __launch_bounds__(128, 3) attention_prefill_f32(PREFILL_PARAMS(float)) {
     attention_prefill<float>(PREFILL_ARGS);
 }
@@ -498,8 +567,7 @@ __device__ __forceinline__ void attention_probs_row(
             part = fmaf(qv[c], d < dh ? load_as_float(krow, d) : 0.0f, part);
         }
         const float dot = warp_sum(part);
-        const bool visible = s <= pos && (mrow == nullptr || mrow[s] != 0);
-        const float score = visible ? dot / sqrt_dh : ATT_NEG_MAX;
+        const float score = key_visible(s, pos, mrow) ? dot / sqrt_dh : ATT_NEG_MAX;
         if (lane == 0) row[s] = score;
         local_max = fmaxf(local_max, score);
     }

@@ -19,7 +19,9 @@
 // summation order (no atomics), so results are bitwise deterministic run to run.
 //
 // Weights are float32 (`_f32w`) or bf16 carried as raw uint16 bits (`_bf16w`); activations and accumulation are
-// float32. Three paths, chosen on the host from shapes only (gpu/experts.py select_path):
+// float32. Three fast paths, chosen on the host from shapes only (gpu/experts.py select_path), and the naive
+// first rung, which is never chosen automatically (path="naive"):
+//   naive one thread per output, a plain dot product: the oracle the tests hold the fast paths to.
 //   simt  any weights. Grid (max_blocks(NK, E, block_rows), ceil(n_out / 64)), 256 threads. A CTA takes one row
 //         block (expert found by binary search in block_offsets; blocks past block_offsets[E] exit) and walks it
 //         in 64-row tiles (so any block_rows works), 64 output columns, k in steps of 16: float32 tiles in shared
@@ -36,9 +38,14 @@
 //         Experts with no rows exit at once. A stays float32, so bf16 weights lose nothing beyond their storage.
 //
 // All sizes and offsets are 64-bit (long long). Kernels (all take the same arguments, see EXPERT_GEMM_PARAMS):
-//   expert_gemm_{simt,gemv}_{moe_in,moe_out,moa_map,moa_reduce}_{f32w,bf16w}
+//   expert_gemm_{naive,simt,gemv}_{moe_in,moe_out,moa_map,moa_reduce}_{f32w,bf16w}
 //   expert_gemm_mma_{moe_in,moe_out,moa_map,moa_reduce}_bf16w      (an empty body when compiled below sm_80)
 //   expert_combine_f32(y_slot [NK, D], gates [NK], bias [D], out [N, D], n_tokens, top_k, d)
+//
+// Reading order: source_row / dest_row (the gather and scatter, the file's central idea) and expert_owning;
+// naive_gemm (the whole computation in 30 lines); stage_tile_rows, then simt_gemm (tiling and double
+// buffering); mma_gemm (bf16 tensor cores, same tiling); gemv_column and gemv (decode); the entry points; and
+// expert_combine_f32 (the gates, applied after the GEMM).
 
 #include "common.cuh"
 
@@ -61,14 +68,14 @@ __device__ __forceinline__ long long dest_row(long long r, long long s) {
     return VAR == VAR_MOE_IN ? r : s;
 }
 
-// The expert owning row block b, given block_offsets[0] = 0 <= b < block_offsets[E]: the e with
-// block_offsets[e] <= b < block_offsets[e+1] (binary search; empty experts are skipped naturally).
-__device__ __forceinline__ long long expert_of_block(const long long* block_offsets, long long num_experts,
-                                                     long long b) {
-    long long lo = 0, hi = num_experts;  // invariant: block_offsets[lo] <= b < block_offsets[hi]
+// The expert owning item i (a grouped row, with expert_offsets, or a row block, with block_offsets), given
+// offsets[0] = 0 <= i < offsets[E]: the e with offsets[e] <= i < offsets[e+1] (binary search; empty experts are
+// skipped naturally).
+__device__ __forceinline__ long long expert_owning(const long long* offsets, long long num_experts, long long i) {
+    long long lo = 0, hi = num_experts;  // invariant: offsets[lo] <= i < offsets[hi]
     while (hi - lo > 1) {
         const long long mid = lo + (hi - lo) / 2;
-        if (block_offsets[mid] <= b) lo = mid; else hi = mid;
+        if (offsets[mid] <= i) lo = mid; else hi = mid;
     }
     return lo;
 }
@@ -108,6 +115,41 @@ __device__ __forceinline__ void stage_tile_rows(const long long* __restrict__ so
 #define EXPERT_GEMM_ARGS \
     a, w, out, sorted_slots, expert_offsets, block_offsets, num_experts, block_rows, top_k, n_out, k_in
 
+// ----------------------------------------------------------------------------------------------- naive path
+
+// The first rung (llm.c's dev/cuda style): one thread per output element (grouped row r, column c), a plain dot
+// product over k_in in index order, no shared memory. Slow, and obviously right: the GPU tests' oracle between
+// the NumPy model and the tiled paths. Grid-stride over the NK * n_out outputs; block_offsets and block_rows are
+// not used.
+#define NAIVE_THREADS 256
+
+template <typename WT, int VAR>
+__device__ __forceinline__ void naive_gemm(EXPERT_GEMM_PARAMS(WT)) {
+    const long long rows = expert_offsets[num_experts];  // NK
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < rows * n_out;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / n_out, c = idx - r * n_out;
+        const long long e = expert_owning(expert_offsets, num_experts, r);
+        const long long s = sorted_slots[r];
+        const float* a_row = a + source_row<VAR>(r, s, top_k) * k_in;
+        if (VAR == VAR_MOE_IN) {  // W rows c (gate) and n_out + c (up) of expert e's [2F, D]
+            const WT* gate_row = w + (e * 2 * n_out + c) * k_in;
+            const WT* up_row = gate_row + n_out * k_in;
+            float gate = 0.0f, up = 0.0f;
+            for (long long i = 0; i < k_in; ++i) {
+                gate = fmaf(a_row[i], load_as_float(gate_row, i), gate);
+                up = fmaf(a_row[i], load_as_float(up_row, i), up);
+            }
+            out[dest_row<VAR>(r, s) * n_out + c] = silu(gate) * up;
+        } else {
+            const WT* w_row = w + (e * n_out + c) * k_in;
+            float acc = 0.0f;
+            for (long long i = 0; i < k_in; ++i) acc = fmaf(a_row[i], load_as_float(w_row, i), acc);
+            out[dest_row<VAR>(r, s) * n_out + c] = acc;
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------ simt path
 
 #define SIMT_BM 64
@@ -126,7 +168,7 @@ __device__ __forceinline__ void simt_gemm(EXPERT_GEMM_PARAMS(WT)) {
 
     const long long b = blockIdx.x;
     if (b >= block_offsets[num_experts]) return;  // uniform per CTA, before any barrier
-    const long long e = expert_of_block(block_offsets, num_experts, b);
+    const long long e = expert_owning(block_offsets, num_experts, b);
     const long long blk_begin = expert_offsets[e] + (b - block_offsets[e]) * block_rows;
     const long long blk_end = min_ll(blk_begin + block_rows, expert_offsets[e + 1]);
     const long long col0 = (long long)blockIdx.y * SIMT_BN;
@@ -258,7 +300,7 @@ __device__ __forceinline__ void mma_gemm(EXPERT_GEMM_PARAMS(bf16_bits)) {
 
     const long long b = blockIdx.x;
     if (b >= block_offsets[num_experts]) return;
-    const long long e = expert_of_block(block_offsets, num_experts, b);
+    const long long e = expert_owning(block_offsets, num_experts, b);
     const long long blk_begin = expert_offsets[e] + (b - block_offsets[e]) * block_rows;
     const long long blk_end = min_ll(blk_begin + block_rows, expert_offsets[e + 1]);
     const long long col0 = (long long)blockIdx.y * MMA_BN;
@@ -516,7 +558,11 @@ __device__ __forceinline__ void gemv(EXPERT_GEMM_PARAMS(WT)) {
 #define DEFINE_EXPERT_GEMM(NAME, BOUNDS, WT, ...) \
     extern "C" __global__ void BOUNDS NAME(EXPERT_GEMM_PARAMS(WT)) { __VA_ARGS__(EXPERT_GEMM_ARGS); }
 
+#define NAIVE_BOUNDS __launch_bounds__(NAIVE_THREADS)
+
 #define DEFINE_VARIANT(VARNAME, VAR)                                                                          \
+    DEFINE_EXPERT_GEMM(expert_gemm_naive_##VARNAME##_f32w, NAIVE_BOUNDS, float, naive_gemm<float, VAR>)      \
+    DEFINE_EXPERT_GEMM(expert_gemm_naive_##VARNAME##_bf16w, NAIVE_BOUNDS, bf16_bits, naive_gemm<bf16_bits, VAR>) \
     DEFINE_EXPERT_GEMM(expert_gemm_simt_##VARNAME##_f32w, SIMT_BOUNDS, float, simt_gemm<float, VAR>)         \
     DEFINE_EXPERT_GEMM(expert_gemm_simt_##VARNAME##_bf16w, SIMT_BOUNDS, bf16_bits, simt_gemm<bf16_bits, VAR>) \
     DEFINE_EXPERT_GEMM(expert_gemm_gemv_##VARNAME##_f32w, GEMV_BOUNDS, float, gemv<float, VAR>)              \

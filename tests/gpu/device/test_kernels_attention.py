@@ -16,6 +16,7 @@ Tolerances, with their reasons:
 - bf16 K/V: the same 1e-5 against the reference run on the bf16-rounded K/V (the kernel widens bf16 exactly),
   and 2e-2 * max|v| against the unrounded float64 inputs (bf16 keeps 8 mantissa bits: 2^-9 relative per value).
 - determinism, head mapping, the cache's stored bits and uniform rows: exact where stated.
+- prefill and decode against the naive kernel (the same device inputs): 1e-5 * max|v|, float32 in another order.
 """
 
 import ml_dtypes
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips th
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
-KINDS = ("prefill", "decode")
+KINDS = ("naive", "prefill", "decode")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -194,7 +195,7 @@ def test_heads_repeat_not_repeat_interleave(rng, kind):
     assert gap > 100 * F32_TOL * np.max(np.abs(v)), f"indistinguishable from repeat_interleave (gap {gap:.2e})"
 
 
-@pytest.mark.parametrize("kind,splits", [("prefill", None), ("decode", 1), ("decode", 6)])
+@pytest.mark.parametrize("kind,splits", [("naive", None), ("prefill", None), ("decode", 1), ("decode", 6)])
 def test_bitwise_deterministic(rng, kind, splits):
     batch, top_k, heads, tokens, keys, head_dim = 2, 2, 2, 5, 700, 64
     q, k, v = draw(rng, batch, top_k, heads, tokens, keys, head_dim)
@@ -205,6 +206,31 @@ def test_bitwise_deterministic(rng, kind, splits):
     second, second_probs = run(*args, probs=True)
     assert cp.asnumpy(first).tobytes() == cp.asnumpy(second).tobytes()
     assert cp.asnumpy(first_probs).tobytes() == cp.asnumpy(second_probs).tobytes()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind,splits,tokens", [("prefill", None, 37), ("prefill", None, 3), ("decode", 1, 1),
+                                                ("decode", 7, 1), ("decode", 4, 3)])
+def test_fast_kernels_equal_the_naive_kernel(rng, poisoned_pool, kind, splits, tokens, kv_dtype):
+    # The ladder's middle rung: prefill and decode against the one-thread-per-row kernel on the same device
+    # inputs, reading a capacity-600 cache through num_keys (the static cache's device count), with left padding,
+    # a hole and a fully hidden batch row. Both are float32 arithmetic in different orders: F32_TOL.
+    batch, top_k, heads, head_dim, capacity = 3, 2, 2, 100, 600
+    keys = 500
+    q, k, v = draw(rng, batch, top_k, heads, tokens, capacity, head_dim)
+    if kv_dtype == "bfloat16":
+        k, v = to_bf16_bits(k), to_bf16_bits(v)
+    mask = np.ones((batch, capacity), np.int64)
+    mask[0, :40] = 0  # left padding
+    mask[1, 123] = 0  # a hole
+    mask[2, :] = 0  # every query of row 2 is fully hidden: uniform over the num_keys keys
+    positions = np.arange(keys - tokens, keys)
+    num_keys = cp.asarray(np.array([keys], np.int64))
+    args = (cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(positions), cp.asarray(mask), top_k)
+    naive, _ = run(*args, "naive", num_keys=num_keys)
+    fast, _ = run(*args, kind, splits, num_keys=num_keys)
+    v_scale = from_bf16_bits(v) if kv_dtype == "bfloat16" else v
+    check_context(fast, host(naive), v_scale, F32_TOL, f"{kind} (splits={splits}, T={tokens}) against naive")
 
 
 @pytest.mark.parametrize("kind", KINDS)

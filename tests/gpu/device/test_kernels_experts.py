@@ -1,10 +1,11 @@
 """The fused expert GEMMs of gpu/experts.py (gpu/kernels/expert_gemm.cu) against the NumPy reference.
 
-Every variant (moe_in, moe_out, moa_map, moa_reduce) on every path (simt and gemv with float32 and with bf16
-weights; mma with bf16 weights on sm_80+), each path forced whatever the automatic choice would be, against
+Every variant (moe_in, moe_out, moa_map, moa_reduce) on every path (naive, simt and gemv with float32 and with
+bf16 weights; mma with bf16 weights on sm_80+), each path forced whatever the automatic choice would be, against
 reference/experts.py and reference/attention.py run in float64 on the same inputs (bf16 weights are passed
-to the reference as their exact float64 values). Then the combine kernel, the whole MoE with its router and
-trace, and the MoA projections.
+to the reference as their exact float64 values). Then the ladder's middle rung: every fast path against the naive
+kernel on the same device inputs. Then the combine kernel, the whole MoE with its router and trace, and the MoA
+projections.
 
 Every run draws fresh random inputs from the `rng` fixture (its seed is printed for replay): normal values,
 never zeros. Outputs are written into NaN-poisoned buffers with two NaN guard rows on each side, so a row the
@@ -17,7 +18,7 @@ expert, K=1, K=E, decode N=1 and 3, N at the gemv threshold, block_rows 16 / 64 
 equal to and twice the 64-row tile), and k_in=520 (many k tiles).
 
 Tolerances, normwise (max|got - want| <= rtol * max|want|):
-  F32_RTOL = 1e-5   simt and gemv, float32 or bf16 weights: A stays float32 and bf16 weights are exact in float32,
+  F32_RTOL = 1e-5   naive, simt and gemv, float32 or bf16 weights: A stays float32 and bf16 weights are exact in float32,
                     so only float32 accumulation over <= 520 terms differs from float64 (~1e-6 expected); the
                     same bound the reference's float32 goldens use.
   MMA_RTOL = 2e-2   mma: A is rounded to bf16 (relative 2^-9) when staged; random rounding errors over k_in terms
@@ -54,7 +55,9 @@ MMA_RTOL = 2e-2
 ROUTER_RTOL = 1e-5
 GUARD = 2  # NaN rows before and after every output
 
-PATHS = [("simt", "f32"), ("simt", "bf16"), ("gemv", "f32"), ("gemv", "bf16"), ("mma", "bf16")]
+PATHS = [("naive", "f32"), ("naive", "bf16"), ("simt", "f32"), ("simt", "bf16"), ("gemv", "f32"), ("gemv", "bf16"),
+         ("mma", "bf16")]
+FAST_PATHS = [(p, w) for p, w in PATHS if p != "naive"]
 PATH_IDS = [f"{p}-{w}" for p, w in PATHS]
 
 
@@ -272,6 +275,27 @@ def test_moe_experts(rng, case, path, kind):
     slot_y = ref_ungroup(grouped_linear(act, w_out64, ref_plan), ref_plan)
     want = ref_combine(slot_y, ref_plan.top_k_gates, bias.astype(F64))
     assert_close(y, want, rtol_for(path), f"moe experts {case.name} {path}-{kind}")
+
+
+@pytest.mark.parametrize("variant", experts.VARIANTS)
+@pytest.mark.parametrize("path,kind", FAST_PATHS, ids=[f"{p}-{w}" for p, w in FAST_PATHS])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_paths_equal_the_naive_kernel(rng, case, path, kind, variant):
+    # The ladder's middle rung: each tiled path against the one-thread-per-output kernel on the same device
+    # inputs. simt and gemv differ from naive only in float32 summation order (F32_RTOL); mma rounds A to bf16.
+    skip_if_unsupported(path)
+    plan, _ = make_plans(rng, case)
+    rows = case.n if variant in experts.GATHER_BY_TOKEN else case.n * case.k
+    k_in = case.d if variant in experts.GATHER_BY_TOKEN else case.f
+    n_out = {"moe_in": 2 * case.f, "moe_out": case.d, "moa_map": case.f, "moa_reduce": case.d}[variant]
+    a = device(normal(rng, (rows, k_in)), case.misaligned)
+    w, _ = expert_weights(rng, (case.e, n_out, k_in), kind)
+    out_cols = case.f if variant == "moe_in" else n_out
+    naive = launch_twice(lambda out: experts.expert_gemm(a, w, plan, variant, out=out, path="naive"),
+                         (case.n * case.k, out_cols))
+    fast = launch_twice(lambda out: experts.expert_gemm(a, w, plan, variant, out=out, path=path),
+                        (case.n * case.k, out_cols))
+    assert_close(fast, naive.astype(F64), rtol_for(path), f"{variant} {case.name} {path}-{kind} against naive")
 
 
 # ------------------------------------------------------------------------------------------------- combine

@@ -43,6 +43,9 @@ def test_python_constants_match_the_kernel():
     assert 32 * int(d["DC_WARPS"]) == ga.DECODE_THREADS == ga.DECODE_KEY_ROUND
     assert ga.DECODE_THREADS >= ga.MAX_HEAD_DIM  # one thread per head dim in the decode merge
     assert 32 * int(d["PR_WARPS"]) == ga.PROBS_THREADS
+    with open(os.path.join(KERNEL_DIR, "attention.cu")) as f:
+        naive_bounds = set(re.findall(r"__launch_bounds__\((\d+)\) attention_naive_\w+\(PREFILL_PARAMS", f.read()))
+    assert naive_bounds == {str(ga.NAIVE_THREADS)}  # both entries, with prefill's arguments (the host passes those)
     assert ga.COMBINE_THREADS >= ga.MAX_HEAD_DIM
 
 
@@ -85,10 +88,14 @@ def test_batch_one_decode_fills_the_gpu():
                                                            (2, 1, 4, 16, 16), (5, 3, 2, 200, 300)])
 def test_plan_grids(batch, top_k, heads, tokens, keys):
     q_heads = top_k * heads
-    for kind in ("prefill", "decode"):
+    for kind in ("prefill", "decode", "naive"):
         plan = ga.plan_attention(batch, q_heads, heads, tokens, keys, 132, kernel_kind=kind)
         if kind == "prefill":
             assert plan.grid == (-(-tokens // 32), q_heads, batch) and plan.block == (128,)
+            assert ga.workspace_size(plan, batch, q_heads, tokens, 64) == 0
+        elif kind == "naive":  # one thread per query row (qh, t) of each batch row
+            assert plan.grid == (-(-(q_heads * tokens) // 128), 1, batch) and plan.block == (128,)
+            assert plan.grid[0] * plan.block[0] >= q_heads * tokens
             assert ga.workspace_size(plan, batch, q_heads, tokens, 64) == 0
         else:
             groups = -(-(top_k * tokens) // 4)

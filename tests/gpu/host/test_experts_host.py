@@ -73,9 +73,10 @@ def test_kernel_names():
     assert experts.kernel_name("mma", "moe_in", BF16) == "expert_gemm_mma_moe_in_bf16w"
     assert experts.kernel_name("simt", "moa_reduce", F32) == "expert_gemm_simt_moa_reduce_f32w"
     assert experts.kernel_name("gemv", "moe_out", BF16) == "expert_gemm_gemv_moe_out_bf16w"
+    assert experts.kernel_name("naive", "moa_map", F32) == "expert_gemm_naive_moa_map_f32w"
     with pytest.raises(ValueError, match="unknown expert GEMM variant"):
         experts.kernel_name("simt", "moe", F32)
-    assert len(all_launchable_names()) == 1 + 4 * 5
+    assert len(all_launchable_names()) == 1 + 4 * 7  # naive, simt, gemv x 2 weight kinds, mma bf16 only
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -99,6 +100,7 @@ def test_geometry_constants_match_the_kernel_source():
     assert int(defines["GEMV_WARPS"]) == experts.GEMV_COLS
     assert int(defines["GEMV_THREADS"]) == 32 * int(defines["GEMV_WARPS"])
     assert experts.GEMV_THREADS == 32 * experts.GEMV_COLS
+    assert int(defines["NAIVE_THREADS"]) == experts.NAIVE_THREADS
 
 
 # ------------------------------------------------------------------------------------------ launch geometry
@@ -106,6 +108,23 @@ def test_geometry_constants_match_the_kernel_source():
 def test_gemv_grid_is_experts_by_column_groups():
     grid, block = experts.launch_config("gemv", num_slots=6, num_experts=8, block_rows=64, n_out=2049)
     assert grid == (8, 257) and block == (256,)
+
+
+def test_naive_grid_has_a_thread_per_output():
+    grid, block = experts.launch_config("naive", num_slots=6, num_experts=8, block_rows=64, n_out=2049)
+    assert grid == (-(-6 * 2049 // 256),) and block == (256,)
+    assert grid[0] * block[0] >= 6 * 2049  # fewer would leave outputs to the grid-stride loop, which is for huge sizes
+    huge, _ = experts.launch_config("naive", num_slots=1 << 20, num_experts=8, block_rows=64, n_out=4096)
+    assert huge == (experts.NAIVE_MAX_BLOCKS,)  # the kernel's grid-stride loop covers the rest
+    assert experts.launch_config("naive", 0, 8, 64, 64)[0] == (1,)
+
+
+def test_naive_is_never_chosen_but_always_allowed():
+    for n in (1, 16, 17, 5000):
+        for dtype in (F32, BF16):
+            for cc in (75, 90):
+                assert experts.select_path(n, dtype, cc) != "naive"
+                experts.check_path("naive", dtype, cc)
 
 
 @pytest.mark.parametrize("path,threads", [("simt", 256), ("mma", 128)])
