@@ -17,12 +17,14 @@ The weights start as HF's _init_weights makes them (reference.checkpoint.initial
 the validation loss is measured on eval_batches fixed batches of held-out windows, with the expert load. Every
 save_every steps, at the end, and on Ctrl-C, a checkpoint is written to OUT/checkpoints/step-NNNNN: the float32
 model (save_pretrained), tokenizer.json, optimizer.safetensors (AdamW's moments) and trainer_state.json (the step,
-the data Generator's state, the recipe, the log). --resume continues from one exactly where it stopped. At the end
+the data Generator's state, the recipe, the log). --resume continues from one exactly where it stopped, on the same
+corpus: the log keeps the sha256 of the token streams, and a resume that would read other streams is refused. At the end
 OUT holds the model in bfloat16 (as HF checkpoints ship), tokenizer.json, train_log.json, loss_curve.png and
 expert_load.png.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -149,9 +151,20 @@ LOG_SERIES = ["steps", "train_loss", "aux_loss", "grad_norm", "lr",  # one entry
               "eval_steps", "validation_loss", "dead_experts", "min_expert_load"]  # one entry per evaluation
 
 
+def streams_sha256(train_ids, validation_ids):
+    """sha256 of both token streams (their lengths, then their ids as little-endian int64): what a run reads, so a
+    resume can check that it reads the same corpus through the same tokenizer."""
+    digest = hashlib.sha256()
+    for ids in (train_ids, validation_ids):
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
 def new_log(recipe, model, train_ids, validation_ids):
     log = {"config": model.config.to_dict(), "train": recipe, "trainer": "jetmoe train (NumPy reference)",
            "threads": THREADS, "train_tokens": int(len(train_ids)), "validation_tokens": int(len(validation_ids)),
+           "corpus_sha256": streams_sha256(train_ids, validation_ids),
            "parameters": int(sum(t.size for t in model.state_dict().values())),
            "train_seconds": 0.0, "step_seconds": 0.0}  # the loop's wall clock; the part spent in train_step
     log.update({key: [] for key in LOG_SERIES})
@@ -165,6 +178,8 @@ def check_log(log, source):
     for key in ["train_seconds", "step_seconds", "parameters", "train_tokens", "validation_tokens", "threads"]:
         if isinstance(log.get(key), bool) or not isinstance(log.get(key), (int, float)):
             raise ValueError(f"{source}: log.{key} must be a number")
+    if not isinstance(log.get("corpus_sha256", ""), str):  # absent in logs from before it was recorded
+        raise ValueError(f"{source}: log.corpus_sha256 must be a string")
     for key in LOG_SERIES:
         if not all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
                    for value in log[key]):
@@ -245,6 +260,11 @@ def resume(args):
     tokenizer_json = read_text(tokenizer_path, f"no tokenizer.json in checkpoint {path!r}")
     train_ids, validation_ids = token_streams(tokenizer_json, model.config,
                                               *corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus))
+    digest = streams_sha256(train_ids, validation_ids)
+    if log.get("corpus_sha256", digest) != digest:  # another corpus, or the same text split or tokenized otherwise
+        raise ValueError(f"the corpus in {args.corpus!r} gives other token streams than the run in {path!r} started "
+                         f"on (sha256 {digest[:12]}... against {log['corpus_sha256'][:12]}...): resume with the "
+                         f"corpus it was trained on, or start a new run")
     optimizer = new_optimizer(model, recipe)
     if not os.path.isfile(optimizer_path):
         raise FileNotFoundError(f"no {OPTIMIZER_STATE} in checkpoint {path!r}")

