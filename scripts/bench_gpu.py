@@ -18,23 +18,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu.device import require_cupy  # noqa: E402
-from gpu.model import JetMoeForCausalLM  # noqa: E402
+from gpu.model import FLOAT32_ALWAYS, JetMoeForCausalLM  # noqa: E402
 from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
+from reference.counting import active_parameters  # noqa: E402
 
 EIGHT_B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_local_experts=8, num_experts_per_tok=2,
                num_key_value_heads=16, kv_channels=128, intermediate_size=5632, max_position_embeddings=4096,
                tie_word_embeddings=True)
-FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
 
 
-def active_weight_bytes(config, bytes_per_weight=2):
-    """Bytes of weights one batch-1 decode token must read: kv_proj, K attention and K MLP experts, routers, lm_head."""
-    D, E, K, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                            config.num_key_value_heads, config.kv_channels, config.intermediate_size, config.vocab_size)
-    per_layer = 2 * H * Dh * D + K * 2 * H * Dh * D + K * 3 * F * D
-    routers = 2 * E * D * 4  # float32 routers
-    return config.num_hidden_layers * (per_layer * bytes_per_weight + routers) + V * D * bytes_per_weight
+def active_weight_bytes(config):
+    """Bytes of weights one batch-1 decode token reads (reference.counting.active_parameters): bf16 matrices, with
+    the routers, norms and biases in float32 as the bf16 GPU model keeps them (gpu.model.FLOAT32_ALWAYS)."""
+    itemsize = {"routers": 4, "norms and biases": 4}
+    return sum(count * itemsize.get(part, 2) for part, count in active_parameters(config).items())
 
 
 def device_weights(config, seed):
