@@ -388,15 +388,18 @@ def moa(x, w, position_ids, cache_position, attention_mask, cache, layer_idx, co
     k, v = trace.record("key", k), trace.record("value", v)
     q = trace.record("query_rope", apply_rope(q, position_ids, head_dim, config.rope_theta))  # [B, K*H, T, Dh]
     k = trace.record("key_rope", apply_rope(k, position_ids, head_dim, config.rope_theta))  # [B, H, T, Dh]
+    num_keys = None  # all S keys of k and v; a StaticKVCache's keys are its capacity, of which num_keys are in use
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # [B, H, S, Dh] views of the cache buffers
+        num_keys = cache.num_keys
     probs = None
     if output_probs or trace.tracing():
         # probs is observed, not replaced: the fused kernel computes context from q, k and v itself
-        context, probs = attention(q, k, v, cache_position, attention_mask, top_k, output_probs=True)
+        context, probs = attention(q, k, v, cache_position, attention_mask, top_k, output_probs=True,
+                                   num_keys=num_keys)
         trace.record("probs", probs)
     else:
-        context = attention(q, k, v, cache_position, attention_mask, top_k)  # [B, T, K, H*Dh]
+        context = attention(q, k, v, cache_position, attention_mask, top_k, num_keys=num_keys)  # [B, T, K, H*Dh]
     context = trace.record("context", context)
     y = moa_reduce(context.reshape(batch * tokens, top_k, heads * head_dim), plan, w.output_linear, w.bias)
     return trace.record("output", y.reshape(batch, tokens, hidden)), probs, plan.logits

@@ -9,7 +9,8 @@ so nothing syncs.
 StaticKVCache is the fixed-capacity variant for CUDA graphs: one captured decode step must be replayable as is,
 so nothing that changes between steps may live on the host. Its step boundaries live in a device int64 pair
 `offsets` = [start, end]: this step writes positions start..end-1 and attends over the first `end` keys.
-It is driven step by step as below, never through model(...), which refuses it (gpu.model.check_forward_cache).
+It is driven step by step as below, never through model(...), which refuses it (gpu.model.check_forward_cache);
+gpu/graph.py's GraphDecoder drives it this way for generate.
 
     cache = StaticKVCache.for_config(config, batch, dtype, capacity)  # capacity >= prompt + new tokens
     mask = cupy.zeros((batch, capacity), cupy.int64); mask[:, :prompt] = prompt_mask   # caller-owned buffer
@@ -69,6 +70,11 @@ class KVCache(KVCacheBase):
         self._keys = [cp.zeros(shape, self.storage_dtype) for _ in range(num_layers)]
         self._values = [cp.zeros(shape, self.storage_dtype) for _ in range(num_layers)]
         self._lengths = [0] * num_layers
+
+    @property
+    def num_keys(self):
+        """None: update() returns views of exactly the keys in use (StaticKVCache: a device count instead)."""
+        return None
 
     @property
     def is_bf16(self):

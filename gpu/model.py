@@ -158,16 +158,8 @@ class JetMoeModel(_Pretrained):
         positions = cp.asarray(position_ids)  # [B|1, T]
         cache_pos = cp.asarray(cache_position)  # [T]
         mask = None if attention_mask is None else cp.asarray(attention_mask)  # [B, S]
-        h = trace.record("embed_tokens", h)
-        hidden_states, attentions, router_logits = [], [], []
-        for i, w in enumerate(self.layers):
-            hidden_states.append(h)
-            with trace.scope(f"layers.{i}"):
-                h, probs, logits = block(h, w, positions, cache_pos, mask, cache, i, config, output_attentions)
-            attentions.append(probs)
-            router_logits.extend(logits)
-        h = trace.record("norm", rms_norm(h, self.norm, config.rms_norm_eps))  # the only norm using rms_norm_eps
-        hidden_states.append(h)
+        h, hidden_states, attentions, router_logits = self.decoder(h, positions, cache_pos, mask, cache,
+                                                                   output_attentions)
         return MoeModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
@@ -175,6 +167,25 @@ class JetMoeModel(_Pretrained):
             router_logits=tuple(router_logits) if output_router_logits else None)
 
     forward = __call__
+
+    def decoder(self, h, positions, cache_position, attention_mask, cache, output_attentions=False):
+        """Every block and the final norm, on device arrays only: no checks and no host copies, so gpu/graph.py
+        captures it in a CUDA graph. model(...) validates its inputs, then calls this.
+
+        h: [B, T, D] embeddings, positions: [B|1, T], cache_position: [T], attention_mask: [B, S] or None (device
+        int64) -> (normed h [B, T, D], hidden states, attention probs, router logits) as lists."""
+        h = trace.record("embed_tokens", h)
+        hidden_states, attentions, router_logits = [], [], []
+        for i, w in enumerate(self.layers):
+            hidden_states.append(h)
+            with trace.scope(f"layers.{i}"):
+                h, probs, logits = block(h, w, positions, cache_position, attention_mask, cache, i, self.config,
+                                         output_attentions)
+            attentions.append(probs)
+            router_logits.extend(logits)
+        h = trace.record("norm", rms_norm(h, self.norm, self.config.rms_norm_eps))  # the only norm with rms_norm_eps
+        hidden_states.append(h)
+        return h, hidden_states, attentions, router_logits
 
 
 class JetMoeForCausalLM(_Pretrained):
@@ -222,8 +233,8 @@ class JetMoeForCausalLM(_Pretrained):
         return KVCache.for_config(self.config, batch, self.dtype, capacity=capacity)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
-        """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device
-        (gpu/generation.py)."""
+        """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device, each
+        decode step one replayed CUDA graph (graph=False: launched op by op). See gpu/generation.py."""
         from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **kwargs)

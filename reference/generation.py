@@ -80,11 +80,26 @@ def sample(probabilities, rng):
     return np.minimum((cumulative <= draws[:, None]).sum(axis=-1), probabilities.shape[-1] - 1)
 
 
+def cached_forward(model, batch, capacity):
+    """generate's default step: the model's forward over a KV cache preallocated for `capacity` tokens.
+
+    Returns step(step_ids [B, T], mask [B, S], positions [B, T]) -> logits of each row's last token [B, V]."""
+    cache = model.new_cache(batch, capacity=capacity)
+
+    def step(step_ids, mask, positions):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    return step
+
+
 def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50,
-             top_p=1.0, seed=None, streamer=None):
+             top_p=1.0, seed=None, streamer=None, stepper=cached_forward):
     # input_ids: [B, T] -> [B, T + new] int64 NumPy, new <= max_new_tokens
     # model: anything with .config, .new_cache(batch, capacity) and HF's forward keywords (reference or gpu/)
     # seed: int, None or np.random.Generator (do_sample only); streamer: called with each step's new tokens [B]
+    # stepper(model, B, capacity) -> step as cached_forward's: the GPU's captured decode (gpu/graph.py) plugs in here
     if do_sample:
         check_sampling(temperature, top_k, top_p)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -104,20 +119,19 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     eos = np.array(config.eos_token_ids, dtype=np.int64)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos.size else 0)
     batch, prompt_len = tokens.shape
-    cache = model.new_cache(batch, capacity=prompt_len + max_new_tokens)
+    forward_step = stepper(model, batch, prompt_len + max_new_tokens)
     unfinished = np.ones(batch, dtype=bool)
     step_ids = tokens
     for step in range(max_new_tokens):
         with trace.step_scope(step):  # traced: the prefill's names, then step.{i}. for decoded token i
             step_ids, mask = trace.record("inputs.input_ids", step_ids), trace.record("inputs.attention_mask", mask)
             positions = trace.record("inputs.position_ids", positions_from_mask(mask)[:, -step_ids.shape[1]:])
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            last_logits = forward_step(step_ids, mask, positions)  # [B, V]
         if do_sample:  # on the host: the GPU twin copies [B, V] logits here, greedy only [B] ids
-            probabilities = sampling_probabilities(to_numpy(out.logits[:, -1]), temperature, top_k, top_p)
+            probabilities = sampling_probabilities(to_numpy(last_logits), temperature, top_k, top_p)
             next_tokens = sample(probabilities, rng)  # [B]
         else:
-            next_tokens = to_numpy(out.logits[:, -1].argmax(axis=-1))  # [B]
+            next_tokens = to_numpy(last_logits.argmax(axis=-1))  # [B]
         next_tokens = np.where(unfinished, next_tokens, pad)
         tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)

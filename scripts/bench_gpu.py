@@ -2,8 +2,9 @@
 
 Workload: a JetMoE-8B-shaped model (D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000, tied lm_head) with
 random bf16 weights made on the device (nothing downloaded), shared by both sides. Measured in one run on one
-device: prefill tokens/s (1x2048), decode tokens/s at batch 1, 8 and 32 after a 512-token context, and the
-bandwidth bound for batch-1 decode = measured copy bandwidth / bytes of active weights per token.
+device: prefill tokens/s (1x2048), decode tokens/s at batch 1, 8 and 32 after a 512-token context (op by op,
+and replaying one CUDA graph a step), and the bandwidth bound for batch-1 decode = measured copy bandwidth /
+bytes of active weights per token.
 Prints a markdown table; `--json` also writes the numbers. HF here is only a speed baseline (the device may
 have another transformers than the 4.56.2 that defines our semantics).
 """
@@ -18,10 +19,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu.device import require_cupy  # noqa: E402
+from gpu.graph import GraphDecoder  # noqa: E402
 from gpu.model import FLOAT32_ALWAYS, JetMoeForCausalLM  # noqa: E402
 from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
 from reference.counting import active_parameters  # noqa: E402
+from reference.generation import positions_from_mask  # noqa: E402
 
 EIGHT_B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_local_experts=8, num_experts_per_tok=2,
                num_key_value_heads=16, kv_channels=128, intermediate_size=5632, max_position_embeddings=4096,
@@ -93,6 +96,24 @@ def ours_decode(model, batch, context, steps, rng):
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = cp.argmax(out.logits[:, -1], axis=-1)[:, None]
+    cp.cuda.Device().synchronize()
+    return time.perf_counter() - start
+
+
+def ours_graph_decode(model, batch, context, steps, rng):
+    """Seconds for `steps` greedy decode steps, each one replay of the captured CUDA graph (gpu/graph.py), after a
+    `context`-token prefill; run as generate runs them, the B token ids going to the host and back each step."""
+    cp = require_cupy()
+    warm = 3  # CapturedStep's eager, recording and capturing runs, not timed
+    decoder = GraphDecoder(model, batch, context + warm + steps)
+    mask = np.ones((batch, context), np.int64)
+    logits = decoder(rng.integers(0, model.config.vocab_size, size=(batch, context)), mask, positions_from_mask(mask))
+    for i in range(warm + steps):
+        if i == warm:
+            cp.cuda.Device().synchronize()
+            start = time.perf_counter()
+        token = cp.asnumpy(logits.argmax(axis=-1))[:, None]  # [B, 1]
+        logits = decoder(token, np.ones((batch, context + i + 1), np.int64), np.full((batch, 1), context + i))
     cp.cuda.Device().synchronize()
     return time.perf_counter() - start
 
@@ -180,6 +201,10 @@ def main():
         if hf is not None:
             row["hf_tokens_per_s"] = batch * args.steps / hf_decode(hf, batch, args.context, args.steps, rng)
         rows.append(row)
+        graphed = dict(row, workload=f"decode batch {batch}, context {args.context}, one CUDA graph a step",
+                       ours_tokens_per_s=batch * args.steps / ours_graph_decode(ours, batch, args.context, args.steps,
+                                                                               rng))
+        rows.append(graphed)
     results["rows"] = rows
     print(f"Device: {results['device']}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); active weights "
           f"per decode token {active_weight_bytes(config) / 1e9:.2f} GB; layers {args.layers}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import make_model, real_tokens
+from reference.generation import cached_forward, generate
 
 
 # ------------------------------------------------------------------------------------------------ 8. generate
@@ -59,3 +60,31 @@ def test_batched_left_padded_generate_matches_solo(rng, name, with_eos):
     for b, s in enumerate(solo):
         np.testing.assert_array_equal(new[b, :len(s)], s, err_msg=f"row {b}")
         assert np.all(new[b, len(s):] == config.pad_token_id), f"row {b} continues after its eos: {new[b]}"
+
+
+def test_a_custom_stepper_drives_the_loop(rng):
+    # generate(stepper=...) is how the GPU's captured decode plugs in: the loop must take every step's logits from
+    # it, with the capacity and the inputs the default stepper would get.
+    model = make_model(rng, "E4_K2_H2")
+    ids = real_tokens(rng, model.config, (2, 5))
+    seen = []
+
+    def stepper(m, batch, capacity):
+        seen.append(("made", batch, capacity))
+        forward_step = cached_forward(m, batch, capacity)
+
+        def step(step_ids, mask, positions):
+            seen.append((step_ids.shape, mask.shape, positions.shape))
+            logits = forward_step(step_ids, mask, positions)
+            return -logits if len(seen) == 3 else logits  # the second step's choice comes from this stepper
+
+        return step
+
+    model.config.eos_token_id = None  # every step runs
+    got = generate(model, ids, max_new_tokens=4, stepper=stepper)
+    assert seen == [("made", 2, 9), ((2, 5), (2, 5), (2, 5)), ((2, 1), (2, 6), (2, 1)), ((2, 1), (2, 7), (2, 1)),
+                    ((2, 1), (2, 8), (2, 1))]
+    plain = generate(model, ids, max_new_tokens=4)
+    np.testing.assert_array_equal(got[:, :6], plain[:, :6])
+    last_logits = model(input_ids=got[:, :6]).logits[:, -1]
+    np.testing.assert_array_equal(got[:, 6], (-last_logits).argmax(axis=-1))  # the stepper's logits, not the model's

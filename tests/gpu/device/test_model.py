@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import reference
-from reference.generation import positions_from_mask
+from reference.generation import cached_forward, generate, positions_from_mask
 
+from gpu.graph import GraphDecoder, graph_stepper
 from gpu.model import FLOAT32_ALWAYS
 from gpu.model import JetMoeForCausalLM as GpuCausalLM
 
@@ -119,13 +120,80 @@ def test_greedy_generation_identical(name):
     np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
+def random_twin(rng, dtype, **overrides):
+    """A small GPU model with every weight drawn at random (a fresh seed each run)."""
+    config = reference.JetMoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=4,
+                                    kv_channels=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                                    **overrides)
+    return GpuCausalLM.from_reference(reference.JetMoeForCausalLM.from_random(config, seed=int(rng.integers(1 << 30))),
+                                      dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
 def test_bitwise_deterministic(dtype):
-    config = reference.JetMoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=4,
-                                 kv_channels=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
     rng = np.random.default_rng()
-    twin = GpuCausalLM.from_reference(reference.JetMoeForCausalLM.from_random(config, seed=int(rng.integers(1 << 30))),
-                                      dtype=dtype)
+    twin = random_twin(rng, dtype)
+    config = twin.config
     ids = rng.integers(0, config.vocab_size, size=(3, 77))
     first, second = twin(input_ids=ids).logits, twin(input_ids=ids).logits
     assert cp.array_equal(first, second), "two runs on the same input must be bitwise identical"
+
+
+def recording(stepper, steps):
+    """A generate stepper that keeps a host copy of every step's logits."""
+    def make(model, batch, capacity):
+        forward_step = stepper(model, batch, capacity)
+
+        def step(step_ids, mask, positions):
+            logits = forward_step(step_ids, mask, positions)
+            steps.append(cp.asnumpy(logits))
+            return logits
+        return step
+    return make
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_graphed_generation_equals_eager_bit_for_bit(dtype, do_sample):
+    # The captured decode step launches the same kernels with the same arguments as the eager one, so every
+    # step's logits must be bitwise equal (no tolerance), and then so are the tokens, greedy or sampled.
+    rng = np.random.default_rng()
+    twin = random_twin(rng, dtype, eos_token_id=None)  # no early stop: every step past the capture is compared
+    ids = rng.integers(0, twin.config.vocab_size, size=(3, 11))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    seed = int(rng.integers(1 << 30))
+    runs = {}
+    for name, stepper in (("graph", graph_stepper), ("eager", cached_forward)):
+        logits = []
+        tokens = generate(twin, ids, attention_mask=mask, max_new_tokens=12, do_sample=do_sample, seed=seed,
+                          stepper=recording(stepper, logits))
+        runs[name] = tokens, logits
+    (graph_tokens, graph_logits), (eager_tokens, eager_logits) = runs["graph"], runs["eager"]
+    np.testing.assert_array_equal(graph_tokens, eager_tokens)
+    assert len(graph_logits) == len(eager_logits) == 12
+    for i, (g, e) in enumerate(zip(graph_logits, eager_logits)):
+        assert np.array_equal(g, e), f"step {i}: graphed logits differ from eager ones"
+
+
+def test_captured_decode_allocates_nothing_and_replays():
+    rng = np.random.default_rng()
+    twin = random_twin(rng, np.float32)
+    config = twin.config
+    batch, prompt, new = 2, 7, 6
+    decoder = GraphDecoder(twin, batch, prompt + new)
+    plan = decoder.decode.plan
+    pool_calls = []
+    plan_malloc = plan._malloc
+    plan._malloc = lambda size: pool_calls.append(size) or plan_malloc(size)
+    ids, mask = rng.integers(0, config.vocab_size, size=(batch, prompt)), np.ones((batch, prompt), np.int64)
+    decoder(ids, mask, positions_from_mask(mask))
+    for step in range(new - 1):
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        decoder(rng.integers(0, config.vocab_size, size=(batch, 1)), mask, positions_from_mask(mask)[:, -1:])
+        if step == 1:
+            assert pool_calls == plan.sizes and plan.sizes, "the recording run must take every buffer from the pool"
+    assert decoder.decode.graph is not None and decoder.decode.calls == new - 1
+    assert pool_calls == plan.sizes, "the captured run and its replays must not allocate"
+    assert decoder.cache.get_seq_length() == prompt + new - 1
+    np.testing.assert_array_equal(cp.asnumpy(decoder.attention_mask)[:, :prompt + new - 1], 1)
