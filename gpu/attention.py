@@ -17,8 +17,10 @@ first rung that the tests hold the other two to.
 `plan_attention` holds that choice and every launch size; tests/gpu/host/test_attention_host.py checks it on the CPU.
 
 CUDA graphs: with a StaticKVCache (gpu/cache.py) pass num_keys=cache.num_keys (a device int64 [1]: the kernels
-use that many keys, S being the capacity), and preallocated `out` and `workspace` (workspace_size(...) floats),
-so a call allocates nothing and launches the same kernels with the same arguments every step.
+use that many keys, S being the capacity), so a call launches the same kernels with the same arguments every step;
+the launch sizes, the decode key split included, come from the capacity. gpu/graph.py serves the outputs and the
+split workspace from its buffer plan; `out` and `workspace` (workspace_size(...) floats) take caller-owned buffers
+instead.
 """
 
 import functools

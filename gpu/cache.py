@@ -19,11 +19,10 @@ gpu/graph.py's GraphDecoder drives it this way for generate.
                                                                 # positions = start..end-1; mask[:, start:end] = 1
     for each layer i:
         k, v = cache.update(i, k_new, v_new)                    # written at the device start; full-capacity views
-        context = gpu.attention.attention(q, k, v, positions, mask, top_k, num_keys=cache.num_keys,
-                                          out=..., workspace=...)   # preallocated: nothing allocated in capture
-    # capture: run one step eagerly first (it compiles the kernels and allocates the `positions` buffer of that
-    # many tokens), then stream.begin_capture(); <one step>; graph = stream.end_capture(); then per step: copy
-    # the step's inputs into the captured input buffers and graph.launch(stream). Every replay advances offsets.
+        context = gpu.attention.attention(q, k, v, positions, mask, top_k, num_keys=cache.num_keys)
+    # capture (gpu/graph.py's CapturedStep): run the step eagerly first (it compiles the kernels and allocates the
+    # `positions` buffer of that many tokens), record its allocations, capture it with those buffers, then per
+    # step copy its inputs into the captured input buffers and launch the graph. Every replay advances offsets.
 
 The device cannot raise: a step that runs past the capacity writes nothing beyond it and attention clamps the key
 count to the capacity; get_seq_length() (a device read that syncs, so not for a forward pass) shows where it is.

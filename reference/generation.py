@@ -118,6 +118,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     mask = mask.astype(np.int64)
     eos = np.array(config.eos_token_ids, dtype=np.int64)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos.size else 0)
+    if max_new_tokens == 0:  # nothing to run: no cache (a captured stepper's needs a capacity > 0) and no forward
+        return tokens
     batch, prompt_len = tokens.shape
     forward_step = stepper(model, batch, prompt_len + max_new_tokens)
     unfinished = np.ones(batch, dtype=bool)

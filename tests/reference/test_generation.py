@@ -88,3 +88,15 @@ def test_a_custom_stepper_drives_the_loop(rng):
     np.testing.assert_array_equal(got[:, :6], plain[:, :6])
     last_logits = model(input_ids=got[:, :6]).logits[:, -1]
     np.testing.assert_array_equal(got[:, 6], (-last_logits).argmax(axis=-1))  # the stepper's logits, not the model's
+
+
+def test_no_new_tokens_makes_no_stepper(rng):
+    # max_new_tokens=0 returns the prompt without a cache or a forward (a GPU GraphDecoder needs a capacity > 0)
+    model = make_model(rng, "E4_K2_H2")
+    ids = real_tokens(rng, model.config, (2, 5))
+
+    def stepper(m, batch, capacity):
+        raise AssertionError("no step to run, so no stepper should be made")
+
+    np.testing.assert_array_equal(generate(model, ids, max_new_tokens=0, stepper=stepper), ids)
+    assert generate(model, np.zeros((2, 0), np.int64), max_new_tokens=0).shape == (2, 0)
