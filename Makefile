@@ -71,16 +71,16 @@ corpus: $(STAMP)
 	$(PY) -m jetmoe.corpus
 
 # train-tiny: rebuild weights/jetmoe-tiny-shakespeare from scratch in pure NumPy (make corpus, BPE tokenizer, then
-# jetmoe train on configs/jetmoe-tiny-shakespeare.json: the reference's backward and AdamW; 79 minutes on the 2-core
-# project machine, partly shared, in the 2026-12-02 run the model card reports), then measure it and write its card.
-# The committed weights are the torch baseline's (train-tiny-torch), which scored 1.3% better on validation. Checkpoints go to weights/jetmoe-tiny-shakespeare/checkpoints/
+# jetmoe train on configs/jetmoe-tiny-shakespeare.json: the reference's backward and AdamW; 66 minutes on the 2-core
+# project machine in the 2026-12-02 run the model card reports), then measure it and write its card. The committed
+# weights are this target's (validation perplexity 37.64, torch's 37.77). Checkpoints go to weights/jetmoe-tiny-shakespeare/checkpoints/
 # (git-ignored); Ctrl-C writes one, and `jetmoe train --resume DIR --out $(MODEL)` continues.
 train-tiny: corpus
 	.venv/bin/jetmoe train --config configs/jetmoe-tiny-shakespeare.json --out $(MODEL)
 	$(PY) scripts/model_card.py
 
 # train-tiny-torch: the same recipe on HF's JetMoeForCausalLM with torch autograd (scripts/train_tiny_torch.py,
-# about 35 minutes) into build/train/tiny-torch: the baseline the model card compares the NumPy-trained model with.
+# 46 minutes in the 2026-12-02 run) into build/train/tiny-torch: the baseline the model card compares the NumPy-trained model with.
 train-tiny-torch: corpus $(ORACLE)
 	$(PY) scripts/train_tiny_torch.py
 
