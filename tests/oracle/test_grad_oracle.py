@@ -72,8 +72,8 @@ cases = st.fixed_dictionaries(dict(config=configs(), seed=st.integers(0, 2**31 -
 
 @example(case=dict(config=dict(vocab_size=8, hidden_size=6, num_hidden_layers=1, num_key_value_heads=3, kv_channels=2,
                                intermediate_size=2, num_local_experts=1, num_experts_per_tok=1,
-                               tie_word_embeddings=False, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=0,
-                               max_position_embeddings=64, aux_loss_coef=0.01),
+                               tie_word_embeddings=False, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,
+                               bos_token_id=0, max_position_embeddings=64, aux_loss_coef=0.01),
                    seed=56816279, batch=1, tokens=3, padding="none", aux=None))  # a near-zero tensor (see the floor)
 @example(case=dict(config=dict(vocab_size=23, hidden_size=12, num_hidden_layers=2, num_key_value_heads=2,
                                kv_channels=4, intermediate_size=6, num_local_experts=4, num_experts_per_tok=2,
