@@ -41,7 +41,13 @@ def test_bf16_shift_equals_ml_dtypes(rng):
     not_nan = ((bits & 0x7F80) != 0x7F80) | ((bits & 0x7F) == 0)  # NaNs dropped: astype may quiet their payload
     bits = bits[not_nan]
     src = bits.view(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(convert(src, np.empty(src.shape, np.float32)), src.astype(np.float32))
+    want = src.astype(np.float32)
+    np.testing.assert_array_equal(convert(src, np.empty(src.shape, np.float32)), want)
+    # the decode blocks' path: only the upper halves stored, into a buffer whose low halves are zero; reused, as
+    # the blocks reuse theirs, with other values in it from the previous block
+    block = np.zeros(src.shape, np.float32)
+    convert(rng.permutation(src), block, low_halves_zero=True)
+    np.testing.assert_array_equal(convert(src, block, low_halves_zero=True), want)
 
 
 def test_budget_decides_where_weights_live(checkpoint):
@@ -86,9 +92,9 @@ def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
     converted = []
     real_convert = weights.convert
 
-    def recording_convert(src, out):
+    def recording_convert(src, out, **options):
         converted.append(src.ctypes.data)
-        return real_convert(src, out)
+        return real_convert(src, out, **options)
 
     monkeypatch.setattr(weights, "convert", recording_convert)
     cache = model.new_cache(1, capacity=8)
