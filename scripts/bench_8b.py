@@ -37,9 +37,11 @@ def active_bf16_bytes(config):
 
 
 def machine_limit():
-    """(copy GB/s, bf16 -> float32 conversion GB/s of bf16), each the best of 3 over 1 GiB, on THREADS threads."""
+    """(copy GB/s, bf16 -> float32 conversion GB/s of bf16, the same into decode blocks GB/s of bf16), each the best
+    of 3 over 1 GiB on THREADS threads. The block rate is what a decode step's conversion can reach: each thread
+    converts DECODE_BLOCK_BYTES of float32 at a time into one reused buffer whose low halves stay zero."""
     from concurrent.futures import ThreadPoolExecutor
-    from reference.weights import convert
+    from reference.weights import DECODE_BLOCK_BYTES, convert
     import ml_dtypes
     src = np.random.default_rng(0).integers(0, 2**16, size=1 << 29, dtype=np.uint16)  # 1 GiB
     copy_out = np.ones_like(src)  # touched: page faults would count as bandwidth otherwise
@@ -59,7 +61,25 @@ def machine_limit():
     copy = best(lambda s: np.copyto(copy_out[s[0]:s[1]], src[s[0]:s[1]]), 2 * src.nbytes)  # read + write
     bf16 = src.view(ml_dtypes.bfloat16)
     conversion = best(lambda s: convert(bf16[s[0]:s[1]], float_out[s[0]:s[1]]), src.nbytes)
-    return copy, conversion
+    block = DECODE_BLOCK_BYTES // 4  # float32 elements
+
+    def into_blocks(span):
+        buffer = np.zeros(block, np.float32)
+        for start in range(span[0], span[1] - block + 1, block):
+            convert(bf16[start:start + block], buffer, low_halves_zero=True)
+
+    return copy, conversion, best(into_blocks, src.nbytes // block * block)
+
+
+def bf16_instructions():
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16): HF's bf16 math runs far faster where it
+    does, while the reference's float32 math gains nothing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return ", ".join(flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags) or "none"
 
 
 def timed(fn):
@@ -143,7 +163,7 @@ def gb(value):
     return f"{value / 1e9:.2f}"
 
 
-def table(results, config, copy, conversion):
+def table(results, config, copy, conversion, block_conversion):
     active = active_bf16_bytes(config)
     bound = copy * 1e9 / active
     lines = ["| | load s | prefill 32 s | prefill 512 s | decode tokens/s | peak anon GB | peak RSS GB |",
@@ -157,7 +177,8 @@ def table(results, config, copy, conversion):
                          f"{r['decode_tokens_per_s']:.2f} | {gb(r['peak_anon'])} | {gb(r['peak_resident'])} |")
     lines.append(f"| machine limit | | | | {bound:.2f} | | |")
     notes = [f"decode bound: {gb(active)} GB of active bf16 weights a token over {copy:.1f} GB/s measured copy "
-             f"bandwidth ({THREADS} threads); bf16 -> float32 conversion {conversion:.1f} GB/s of bf16"]
+             f"bandwidth ({THREADS} threads); bf16 -> float32 conversion {conversion:.1f} GB/s of bf16, "
+             f"{block_conversion:.1f} GB/s into decode blocks"]
     return "\n".join(lines + [""] + notes)
 
 
@@ -176,7 +197,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_8b_shaped.py"), "--out",
                         args.checkpoint], check=True)
     config = JetMoeConfig.from_pretrained(args.checkpoint)
-    copy, conversion = machine_limit()
+    copy, conversion, block_conversion = machine_limit()
     file_bytes = checkpoint_bytes(args.checkpoint)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     warm_page_cache(args.checkpoint)
@@ -188,11 +209,13 @@ def main():
         results["HF transformers 4.56.2, bf16, eager"] = run_child("hf", args.checkpoint, args.seed,
                                                                      file_bytes + int(0.85 * memory))
     print(f"{args.checkpoint}: {file_bytes / 1e9:.1f} GB in {config.num_hidden_layers} layers; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB, {THREADS} threads; {time.strftime('%Y-%m-%d')}")
-    print(table(results, config, copy, conversion))
+          f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB, {THREADS} threads, bf16 instructions: "
+          f"{bf16_instructions()}; {time.strftime('%Y-%m-%d')}")
+    print(table(results, config, copy, conversion, block_conversion))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results=results, copy_gb_s=copy, conversion_gb_s=conversion,
+                           block_conversion_gb_s=block_conversion, bf16_instructions=bf16_instructions(),
                            active_bf16_bytes=active_bf16_bytes(config)), f, indent=2)
 
 
