@@ -39,9 +39,9 @@ def active_bf16_bytes(config):
 def machine_limit():
     """(copy GB/s, bf16 -> float32 conversion GB/s of bf16, the same into decode blocks GB/s of bf16), each the best
     of 3 over 1 GiB on THREADS threads. The block rate is what a decode step's conversion can reach: each thread
-    converts DECODE_BLOCK_BYTES of float32 at a time into one reused buffer whose low halves stay zero."""
+    converts DECODE_BLOCK_BYTES of float32 at a time into its reused buffer (weights.converted)."""
     from concurrent.futures import ThreadPoolExecutor
-    from reference.weights import DECODE_BLOCK_BYTES, convert
+    from reference.weights import DECODE_BLOCK_BYTES, convert, converted
     import ml_dtypes
     src = np.random.default_rng(0).integers(0, 2**16, size=1 << 29, dtype=np.uint16)  # 1 GiB
     copy_out = np.ones_like(src)  # touched: page faults would count as bandwidth otherwise
@@ -64,9 +64,8 @@ def machine_limit():
     block = DECODE_BLOCK_BYTES // 4  # float32 elements
 
     def into_blocks(span):
-        buffer = np.zeros(block, np.float32)
         for start in range(span[0], span[1] - block + 1, block):
-            convert(bf16[start:start + block], buffer, low_halves_zero=True)
+            converted(bf16[start:start + block], np.float32)
 
     return copy, conversion, best(into_blocks, src.nbytes // block * block)
 

@@ -43,11 +43,11 @@ def test_bf16_shift_equals_ml_dtypes(rng):
     src = bits.view(ml_dtypes.bfloat16)
     want = src.astype(np.float32)
     np.testing.assert_array_equal(convert(src, np.empty(src.shape, np.float32)), want)
-    # the decode blocks' path: only the upper halves stored, into a buffer whose low halves are zero; reused, as
-    # the blocks reuse theirs, with other values in it from the previous block
-    block = np.zeros(src.shape, np.float32)
-    convert(rng.permutation(src), block, low_halves_zero=True)
-    np.testing.assert_array_equal(convert(src, block, low_halves_zero=True), want)
+    # the blocks' path: one widening cast 2 bytes into this thread's reused buffer, which holds other values from
+    # a bigger block before (so the buffer is not freshly zeroed) and must come back bit for bit all the same
+    weights.converted(rng.permutation(np.concatenate([src, src])), np.float32)
+    np.testing.assert_array_equal(weights.converted(src.reshape(-1, 1), np.float32), want.reshape(-1, 1))
+    np.testing.assert_array_equal(weights.converted(src[1:], np.float32), want[1:])
 
 
 def test_budget_decides_where_weights_live(checkpoint):
@@ -90,13 +90,13 @@ def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
             for e in range(stack.shape[0]):
                 stacks[stack.data[e].ctypes.data] = (i, part, e)
     converted = []
-    real_convert = weights.convert
+    real_converted = weights.converted
 
-    def recording_convert(src, out, **options):
+    def recording_converted(src, dtype):
         converted.append(src.ctypes.data)
-        return real_convert(src, out, **options)
+        return real_converted(src, dtype)
 
-    monkeypatch.setattr(weights, "convert", recording_convert)
+    monkeypatch.setattr(weights, "converted", recording_converted)
     cache = model.new_cache(1, capacity=8)
     model(input_ids=rng.integers(0, CONFIG["vocab_size"], size=(1, 3)), past_key_values=cache)
     converted.clear()
