@@ -59,7 +59,7 @@ def _openblas():
 _blas = _openblas()
 # Blocks run on our threads only where each can call BLAS single-threaded: else OpenBLAS's own threads and ours
 # fight over the cores (measured on 2 cores: a 3-token prefill of a 1-layer 8B cut, 4.6 s against 0.29 s).
-_pool = ThreadPoolExecutor(THREADS) if THREADS > 1 and _blas is not None else None
+_pool = ThreadPoolExecutor(THREADS - 1) if THREADS > 1 and _blas is not None else None
 # A second pool for map_threads, so a shard's own block products (on _pool) never wait on the shards themselves.
 _shard_pool = ThreadPoolExecutor(THREADS) if _pool is not None else None
 
@@ -186,17 +186,20 @@ def linear(x, weight):
         end = min(start + block, rows)
         np.matmul(x, rows_of(weight, start, end).T, out=out[..., start:end])
 
-    def products(starts):
-        for start in starts:
+    starts = iter(range(0, rows, block))  # shared by the threads: each takes the next block when it is done
+
+    def products():
+        for start in starts:  # a range iterator's next() holds the GIL: no block is taken twice
             product(start)
 
-    starts = range(0, rows, block)
     if _pool is None:
-        products(starts)
-    else:  # one task per thread, each every THREADS-th block: a task per block cost ~10% of a decode step
+        products()
+    else:  # this thread takes blocks too, beside THREADS - 1 helpers: no core waits on a slower one's share
         with _single_threaded_blas():
-            for done in [_pool.submit(products, starts[i::THREADS]) for i in range(THREADS)]:
-                done.result()
+            helpers = [_pool.submit(products) for _ in range(THREADS - 1)]
+            products()
+            for helper in helpers:
+                helper.result()
     return out
 
 
