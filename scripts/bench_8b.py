@@ -132,11 +132,12 @@ def child_hf(path, seed):
     return dict(result, peak_anon=peak.anon, peak_resident=peak.resident)
 
 
-def run_child(side, path, seed, cap_bytes):
-    """One side in a fresh process limited to cap_bytes of address space; its result dict, or the failure."""
+def run_child(side, path, seed, cap_bytes, **extra_env):
+    """One side in a fresh process limited to cap_bytes of address space, with extra_env set; its result dict, or
+    the failure."""
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS))
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS), **extra_env)
     done = subprocess.run([sys.executable, __file__, "--child", side, "--checkpoint", path, "--seed", str(seed)],
                           capture_output=True, text=True, preexec_fn=limit, env=env)
     if done.returncode != 0:
@@ -204,9 +205,16 @@ def main():
     results = {"reference (float32 math, bf16 weights in the file)": run_child("ours", args.checkpoint, args.seed,
                                                                                file_bytes + (4 << 30))}
     if not args.skip_hf:
-        # HF maps the shards while it copies them into its own memory: the files plus 85% of the RAM.
-        results["HF transformers 4.56.2, bf16, eager"] = run_child("hf", args.checkpoint, args.seed,
-                                                                     file_bytes + int(0.85 * memory))
+        # HF maps the shards and may copy them into its own memory (4.56.2 does not for a bf16 model): the files
+        # plus 85% of the RAM.
+        hf_cap = file_bytes + int(0.85 * memory)
+        results["HF transformers 4.56.2, bf16, eager"] = run_child("hf", args.checkpoint, args.seed, hf_cap)
+        if bf16_instructions() not in ("none", "unknown"):
+            # With native bf16 instructions torch sends bf16 matmuls to oneDNN's AVX-512 bf16 kernels: faster at a
+            # prefill, slower for the single row of a decode step than what torch picks with oneDNN capped at AVX2.
+            # Both are HF as a user may run it, so both are shown.
+            results["HF, the same, ONEDNN_MAX_CPU_ISA=AVX2"] = run_child("hf", args.checkpoint, args.seed, hf_cap,
+                                                                           ONEDNN_MAX_CPU_ISA="AVX2")
     print(f"{args.checkpoint}: {file_bytes / 1e9:.1f} GB in {config.num_hidden_layers} layers; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB, {THREADS} threads, bf16 instructions: "
           f"{bf16_instructions()}; {time.strftime('%Y-%m-%d')}")
