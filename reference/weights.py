@@ -177,22 +177,27 @@ def linear(x, weight):
     rows, cols = weight.shape
     if x.size // cols > DECODE_ROWS:
         return x @ rows_of(weight, 0, rows).T
-    block = max(BLOCK_ROWS, DECODE_BLOCK_BYTES // (cols * weight.dtype.itemsize) // BLOCK_ROWS * BLOCK_ROWS)
-    if block >= rows:
-        return x @ rows_of(weight, 0, rows).T
+    x2d = x.reshape(-1, cols)  # [M, in], M <= DECODE_ROWS
     out = np.empty(x.shape[:-1] + (rows,), np.result_type(x.dtype, weight.dtype))  # [..., out]
+    out2d = out.reshape(-1, rows)  # [M, out], a view
 
-    def product(start):
-        end = min(start + block, rows)
-        np.matmul(x, rows_of(weight, start, end).T, out=out[..., start:end])
+    def product(start, end):
+        w = rows_of(weight, start, end)  # [end - start, in]
+        if len(x2d) == 1:
+            np.matmul(x2d, w.T, out=out2d[:, start:end])
+        else:  # out^T = W x^T: for 2-16 rows OpenBLAS runs it 2-4x faster than x W^T (1 thread, [512, 2048]
+            # float32 in cache, 2026-12-03: 218-525 against 743-1009 us). Not out= a transposed view: that is
+            # NumPy's own loop, not BLAS.
+            out2d[:, start:end] = (w @ x2d.T).T
 
+    block = max(BLOCK_ROWS, DECODE_BLOCK_BYTES // (cols * weight.dtype.itemsize) // BLOCK_ROWS * BLOCK_ROWS)
     starts = iter(range(0, rows, block))  # shared by the threads: each takes the next block when it is done
 
     def products():
         for start in starts:  # a range iterator's next() holds the GIL: no block is taken twice
-            product(start)
+            product(start, min(start + block, rows))
 
-    if _pool is None:
+    if _pool is None or block >= rows:
         products()
     else:  # this thread takes blocks too, beside THREADS - 1 helpers: no core waits on a slower one's share
         with _single_threaded_blas():
