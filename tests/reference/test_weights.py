@@ -80,6 +80,17 @@ def test_mapped_equals_converted_bit_for_bit(checkpoint, small_blocks, rng):
     assert all(np.array_equal(np.asarray(t), converted.state_dict()[n]) for n, t in mapped.state_dict().items())
 
 
+def test_mapped_equals_converted_where_blas_threads(rng):
+    # A converted matrix's decode blocks run on BLAS's threads, a mapped one's on ours with BLAS single-threaded:
+    # at a size OpenBLAS splits across threads (64 MiB of float32 here; the model tests' matrices are too small
+    # to be split) the two must still give the same bits, for every decode row count.
+    table = rng.standard_normal((8192, 2048), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    converted, mapped = table.astype(np.float32), MappedWeight(table, np.float32)
+    for rows in [1, 2, 5, weights.DECODE_ROWS]:
+        x = rng.standard_normal((rows, 2048), dtype=np.float32)
+        np.testing.assert_array_equal(weights.linear(x, mapped), weights.linear(x, converted), err_msg=f"{rows} rows")
+
+
 def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
     model = JetMoeForCausalLM.from_pretrained(bf16_checkpoint(tmp_path / "bf16", rng), max_memory=SMALL_BUDGET)
     stacks = {}  # base address of each expert's slice -> (layer, part, expert)
