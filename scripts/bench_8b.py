@@ -71,8 +71,9 @@ def machine_limit():
 
 
 def bf16_instructions():
-    """Whether this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16): HF's bf16 math runs far faster where it
-    does, while the reference's float32 math gains nothing."""
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16). Where it does, torch sends HF's bf16
+    matmuls to oneDNN's bf16 kernels (here: faster prefill, slower decode); the reference's float32 math is the same
+    either way."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -204,25 +205,26 @@ def main():
     # The reference maps the whole checkpoint: its address space is the files plus its own memory.
     results = {"reference (float32 math, bf16 weights in the file)": run_child("ours", args.checkpoint, args.seed,
                                                                                file_bytes + (4 << 30))}
+    instructions = bf16_instructions()
     if not args.skip_hf:
         # HF maps the shards and may copy them into its own memory (4.56.2 does not for a bf16 model): the files
         # plus 85% of the RAM.
         hf_cap = file_bytes + int(0.85 * memory)
         results["HF transformers 4.56.2, bf16, eager"] = run_child("hf", args.checkpoint, args.seed, hf_cap)
-        if bf16_instructions() not in ("none", "unknown"):
+        if instructions not in ("none", "unknown"):
             # With native bf16 instructions torch sends bf16 matmuls to oneDNN's AVX-512 bf16 kernels: faster at a
             # prefill, slower for the single row of a decode step than what torch picks with oneDNN capped at AVX2.
             # Both are HF as a user may run it, so both are shown.
             results["HF, the same, ONEDNN_MAX_CPU_ISA=AVX2"] = run_child("hf", args.checkpoint, args.seed, hf_cap,
                                                                            ONEDNN_MAX_CPU_ISA="AVX2")
-    print(f"{args.checkpoint}: {file_bytes / 1e9:.1f} GB in {config.num_hidden_layers} layers; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {memory / 2**30:.0f} GiB, {THREADS} threads, bf16 instructions: "
-          f"{bf16_instructions()}; {time.strftime('%Y-%m-%d')}")
+    print(f"{args.checkpoint}: {file_bytes / 1e9:.1f} GB in {config.num_hidden_layers} layers; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory / 2**30:.0f} GiB, "
+          f"{THREADS} threads, bf16 instructions: {instructions}; {time.strftime('%Y-%m-%d')}")
     print(table(results, config, copy, conversion, block_conversion))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results=results, copy_gb_s=copy, conversion_gb_s=conversion,
-                           block_conversion_gb_s=block_conversion, bf16_instructions=bf16_instructions(),
+                           block_conversion_gb_s=block_conversion, bf16_instructions=instructions,
                            active_bf16_bytes=active_bf16_bytes(config)), f, indent=2)
 
 
