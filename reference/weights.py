@@ -12,8 +12,9 @@ converted tensors fit a memory budget; otherwise each big matrix stays memory-ma
   product: the converted copy never outlives its matmul, and a decoded token reads only its routed experts' bytes;
 - `w[ids]`, an embedding lookup, converts only the rows it returns.
 The model code cannot tell the two apart: `linear(x, w)`, `w[e]` and `w[ids]` read the same, so the math and the
-trace names do not change. Converted weights take the same `linear` path, block for block, so the two give the
-same bits (OpenBLAS's result depends on the product's shape), which tests/reference/test_weights.py checks.
+trace names do not change. A converted weight's `linear` is the plain `x @ w.T`; a mapped one's decode product runs
+block by block, so the two agree to float32 rounding (the order BLAS accumulates in depends on the product's shape),
+which tests/reference/test_weights.py and test_memory.py check with a stated tolerance.
 """
 
 import contextlib
@@ -174,6 +175,8 @@ def linear(x, weight):
     # The same products whether the weight is converted or mapped, so the two give the same bits: a prefill
     # multiplies by the whole matrix; a decode step (at most DECODE_ROWS rows of x) block by block, each block of
     # weight rows converted (if mapped) just before its product, so it is still in cache, on THREADS threads.
+    if isinstance(weight, np.ndarray):
+        return x @ weight.T  # in memory: the plain product
     rows, cols = weight.shape
     if x.size // cols > DECODE_ROWS:
         return x @ rows_of(weight, 0, rows).T
@@ -197,11 +200,7 @@ def linear(x, weight):
         for start in starts:  # a range iterator's next() holds the GIL: no block is taken twice
             product(start, min(start + block, rows))
 
-    if _pool is None or block >= rows or isinstance(weight, np.ndarray):
-        # Weights in memory have nothing to convert: their blocks run here, each split by BLAS's own threads,
-        # which stay awake between products while ours sleep (waking ours cost more than a small model's product:
-        # JetMoE-small decode 14 against 27 tokens/s, 2026-12-03). Which threads run a block does not change its
-        # bits (tests/reference/test_weights.py).
+    if _pool is None or block >= rows:
         products()
     else:  # mapped: this thread takes blocks too, beside THREADS - 1 helpers; no core waits on a slower one's share
         with _single_threaded_blas():

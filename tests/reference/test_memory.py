@@ -59,7 +59,9 @@ def test_mapped_weights_stay_within_the_active_bytes(cut, tmp_path, seed):
           f"{converted['own_bytes'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
     assert mapped["own_bytes"] < bound
     assert converted["own_bytes"] > bound  # control: the measurement sees a model converted at load
-    np.testing.assert_array_equal(mapped_out["logits"], converted_out["logits"])  # bit for bit
+    # the same products summed in another order (blocks against one product): float32 rounding, normwise
+    scale = np.max(np.abs(converted_out["logits"]))
+    assert np.max(np.abs(mapped_out["logits"] - converted_out["logits"])) <= 1e-5 * scale
     np.testing.assert_array_equal(mapped_out["tokens"], converted_out["tokens"])
 
 
