@@ -4,8 +4,10 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
+LATEST  := .venv-latest/.installed
+LATEST_PY := .venv-latest/bin/python
 
-.PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
+.PHONY: run setup setup-oracle setup-oracle-latest setup-notebooks test test-oracle test-oracle-latest test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
 	bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
@@ -46,9 +48,20 @@ test: $(STAMP)
 	@echo "ptxas resource report (nvcc compile test): build/kernel_resources.txt"
 	$(PY) -m pytest -m "not oracle" -q
 
-# test-oracle: hypothesis-generated configs and inputs against live HF transformers (skips without them).
+# test-oracle: hypothesis-generated configs and inputs against live HF transformers 4.56.2, the semantics.
 test-oracle: $(ORACLE)
 	$(PY) -m pytest -m oracle -q
+
+# test-oracle-latest: the same oracle tests against the pinned newest transformers 5.x (the oracle-latest extra, in
+# its own .venv-latest); tests/oracle/test_transformers_versions.py asserts each difference (docs/transformers.md).
+test-oracle-latest: $(LATEST)
+	$(LATEST_PY) -m pytest -m oracle -q
+
+setup-oracle-latest: $(LATEST)
+$(LATEST): pyproject.toml
+	python3 -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet -e ".[test,oracle-latest]"
+	touch $(LATEST)
 
 # test-notebooks: execute every notebook in notebooks/ (nbmake) and fail on any error; the files are not changed.
 test-notebooks: $(NOTEBOOKS)

@@ -1,18 +1,22 @@
-"""The Hugging Face side of our parity checks: builds HF's JetMoe (transformers==4.56.2, CPU torch) and runs it.
+"""The Hugging Face side of our parity checks: builds HF's JetMoe (CPU torch; transformers 4.56.2, which defines the
+semantics, or the pinned newest 5.x, the second oracle) and runs it.
 
-Used by scripts/ (goldens, benchmarks, training) and tests/oracle/; `reference` and `gpu` never import this.
+Used by scripts/ (goldens, benchmarks, training) and tests/oracle/; `reference` and `gpu` never import this. What
+differs between the versions is found by feature checks (jetmoe/hf_compat.py), not by version strings.
 
-float64 oracle: HF casts six things to float32 whatever the model dtype (RMSNorm, RoPE angles and the
-inv_freq buffer, router logits, the eager attention softmax, the causal-LM loss, the aux loss's expert counts),
-so a float64 HF model only carries float32 precision there. `float64_precision()` re-executes exactly those HF methods with each
-`float32` replaced by "float32 or better" (torch.promote_types(dtype, float32)); every replaced expression is listed in
-PATCHES below and must occur in HF's source as written. float32 runs use HF unpatched.
+float64 oracle: HF casts some things to float32 whatever the model dtype (RMSNorm, RoPE angles and the inv_freq
+buffer, router logits, the eager attention softmax, the causal-LM loss, the aux loss's expert counts), so a float64 HF
+model only carries float32 precision there. `float64_precision()` finds every such cast in HF's JetMoe source (the
+"float32 islands": `.to(torch.float32)`, `dtype=torch.float32`, `.float()`, `dtype=torch.float`) and re-executes
+the functions that hold one with float64 in its place. It is only entered for float64 models, for which that is
+exactly "float32 or better". float32 runs use HF unpatched.
 """
 
 import contextlib
 import inspect
 import math
 import os
+import re
 import shutil
 import textwrap
 
@@ -24,32 +28,34 @@ from transformers.models.jetmoe import modeling_jetmoe as hf
 
 from reference.checkpoint import is_norm_weight
 
-REQUIRED_TRANSFORMERS = "4.56.2"
+from .hf_compat import ORACLE_VERSIONS, SEMANTICS_TRANSFORMERS, cache_argument, output_cache, rope_theta
+
 # float32 router logits err ~1e-6; a larger top-k gap (float64 HF) means float32 picks the same experts everywhere
 MIN_ROUTER_MARGIN = 1e-3
 _HI = "torch.promote_types({}, torch.float32)"
 
-PATCHES = [
-    (hf.JetMoeRMSNorm, "forward", [
-        ("hidden_states = hidden_states.to(torch.float32)",
-         "hidden_states = hidden_states.to(" + _HI.format("input_dtype") + ")")]),
-    (hf.JetMoeTopKGating, "forward", [
-        ("logits = self.layer(hidden_states).float()",
-         "logits = self.layer(hidden_states).to(" + _HI.format("hidden_states.dtype") + ")")]),
-    (hf.JetMoeRotaryEmbedding, "forward", [
-        ("self.inv_freq[None, :, None].float()", "self.inv_freq[None, :, None].to(" + _HI.format("x.dtype") + ")"),
-        ("position_ids[:, None, :].float()", "position_ids[:, None, :].to(" + _HI.format("x.dtype") + ")"),
-        ("(inv_freq_expanded.float() @ position_ids_expanded.float())", "(inv_freq_expanded @ position_ids_expanded)")]),
-    (hf.JetMoeAttention, "forward", [
-        ("softmax(attn_weights, dim=-1, dtype=torch.float32)",
-         "softmax(attn_weights, dim=-1, dtype=" + _HI.format("attn_weights.dtype") + ")")]),
-    (hf, "load_balancing_loss_func", [("expert_mask.float()", "expert_mask.to(routing_weights.dtype)")]),
-]
+# A cast to float32 in HF's source; comparisons (`input_dtype == torch.float32`) are not casts and stay.
+ISLAND = re.compile(r"(?<![=!]= )torch\.float32\b|\.float\(\)|dtype=torch\.float\b(?!\d)")
 
 
-def check_versions():
-    if transformers.__version__ != REQUIRED_TRANSFORMERS:
-        raise RuntimeError(f"the oracle needs transformers=={REQUIRED_TRANSFORMERS}, found {transformers.__version__}")
+def _to_float64(match):
+    text = match.group(0)
+    if text == ".float()":
+        return ".double()"
+    return text.replace("float32", "float64") if "float32" in text else text + "64"  # dtype=torch.float
+
+
+def check_versions(semantics=False):
+    """Raise unless transformers is one the oracle is pinned to (semantics=True: only 4.56.2, for goldens)."""
+    allowed = (SEMANTICS_TRANSFORMERS,) if semantics else ORACLE_VERSIONS
+    if transformers.__version__ not in allowed:
+        raise RuntimeError(f"this needs transformers {' or '.join(allowed)}, found {transformers.__version__}")
+
+
+def _reexecuted(func, source, namespace):
+    scope = {}
+    exec(compile(source, f"<float64 oracle: {func.__qualname__}>", "exec"), namespace, scope)
+    return scope[func.__name__]
 
 
 def _patched(func, substitutions, namespace):
@@ -58,18 +64,35 @@ def _patched(func, substitutions, namespace):
         if old not in source:
             raise RuntimeError(f"HF source of {func.__qualname__} no longer contains {old!r}")
         source = source.replace(old, new)
-    scope = {}
-    exec(compile(source, f"<float64 oracle: {func.__qualname__}>", "exec"), namespace, scope)
-    return scope[func.__name__]
+    return _reexecuted(func, source, namespace)
+
+
+def float32_islands():
+    """[(owner, name)] of every plain function or method in HF's modeling_jetmoe whose source casts to float32.
+    Static methods run at construction (the RoPE inv_freq init) are left to set_inv_freq_precision."""
+    found = []
+    owners = [hf] + [v for v in vars(hf).values() if inspect.isclass(v) and v.__module__ == hf.__name__]
+    for owner in owners:
+        for name, value in list(vars(owner).items()):
+            if inspect.isfunction(value) and value.__module__ == hf.__name__:
+                source = textwrap.dedent(inspect.getsource(value))
+                if ISLAND.search(source):
+                    if "super()" in source:
+                        raise RuntimeError(f"{value.__qualname__} casts to float32 and calls super(): the float64 "
+                                           "oracle cannot re-execute it")
+                    found.append((owner, name))
+    return found
 
 
 @contextlib.contextmanager
 def float64_precision():
-    """Within: HF JetMoe computes its float32 islands in float64 for float64 models (unchanged otherwise)."""
-    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in PATCHES]
+    """Within: HF JetMoe computes its float32 islands in float64 (enter it for float64 models only)."""
+    islands = float32_islands()
+    saved = [(owner, name, vars(owner)[name]) for owner, name in islands]
     try:
-        for owner, name, subs in PATCHES:
-            setattr(owner, name, _patched(vars(owner)[name], subs, vars(hf)))
+        for owner, name, func in saved:
+            source = ISLAND.sub(_to_float64, textwrap.dedent(inspect.getsource(func)))
+            setattr(owner, name, _reexecuted(func, source, vars(hf)))
         yield
     finally:
         for owner, name, original in saved:
@@ -91,7 +114,7 @@ def set_inv_freq_precision(model):
             config = module.config
             dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
             dim = config.kv_channels
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+            inv_freq = 1.0 / (rope_theta(hf, config) ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
             module.inv_freq = inv_freq
             module.original_inv_freq = inv_freq
 
@@ -144,10 +167,10 @@ def hf_generation_positions(attention_mask):
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
-def cache_tensors(past_key_values, prefix="past_key_values"):
+def cache_tensors(cache, prefix="past_key_values"):
     """HF DynamicCache -> {prefix.i.key: [B, H, S, Dh], prefix.i.value: ...}."""
     out = {}
-    for i, layer in enumerate(past_key_values.layers):
+    for i, layer in enumerate(cache.layers):
         out[f"{prefix}.{i}.key"] = to_numpy(layer.keys)
         out[f"{prefix}.{i}.value"] = to_numpy(layer.values)
     return out
@@ -186,7 +209,7 @@ def run_causal_lm(model, inputs):
             out[f"hidden_states.{i}"] = to_numpy(h)
         for i, a in enumerate(full.attentions):
             out[f"attentions.{i}"] = to_numpy(a)
-        out.update(cache_tensors(full.past_key_values))
+        out.update(cache_tensors(output_cache(full)))
         # HF's JetMoeForCausalLM crashes when asked for router logits (transformers#31791), so the aux loss
         # oracle is HF's load_balancing_loss_func on JetMoeModel's router logits, as the issue specifies.
         base = model.model(input_ids=t["input_ids"], output_router_logits=True)
@@ -209,8 +232,8 @@ def run_causal_lm(model, inputs):
         cache, start = None, 0
         for step, n in enumerate(inputs["decode_splits"]):
             ids = t["input_ids"][:, start:start + int(n)]
-            step_out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache, start = step_out.past_key_values, start + int(n)
+            step_out = model(input_ids=ids, use_cache=True, **{cache_argument(hf): cache})
+            cache, start = output_cache(step_out), start + int(n)
             out[f"decode.{step}.logits"] = to_numpy(step_out.logits)
 
         out["embeds.logits"] = to_numpy(model(inputs_embeds=t["inputs_embeds"].to(model.dtype)).logits)

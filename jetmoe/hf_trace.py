@@ -1,7 +1,7 @@
 """Hugging Face's JetMoe forward, recorded under the reference's trace names (README.md "Trace names").
 
 Used by `jetmoe debug compare MODEL hf`, the oracle tests and notebook 07; needs the oracle
-extra (CPU torch, transformers==4.56.2). Forward hooks on HF's modules catch what each module returns; where HF
+extra (CPU torch, transformers 4.56.2 or the pinned newest 5.x). Forward hooks on HF's modules catch what each module returns; where HF
 keeps a tensor in expert-sorted order (the expert projections see their inputs grouped by expert), it is put back
 into the reference's slot order [N, K, ...] with HF's own index_sorted_experts. Two intermediates live inside
 plain functions rather than modules: the RoPE outputs are caught by wrapping HF's apply_rotary_pos_emb while the
@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
 from . import hf_oracle
+from .hf_compat import cache_argument, first
 
 
 def _np(tensor):
@@ -117,8 +118,8 @@ def recording(model):
         def expert_out(i, o):  # [N*K, D] grouped, before gating -> [N, K, D]
             record("mlp.expert_out", _ungroup(o, state["mlp"], (-1, k, o.shape[-1])))
         hook(mlp.output_linear, expert_out)
-        hook(mlp, lambda i, o: record("mlp.output", o[0]))
-        hook(layer, lambda i, o: record("output", o[0]))
+        hook(mlp, lambda i, o: record("mlp.output", first(o)))
+        hook(layer, lambda i, o: record("output", first(o)))
     hook(model.model.norm, lambda i, o: record("/norm", o))
 
     original_rope = hf.apply_rotary_pos_emb
@@ -156,6 +157,6 @@ def hf_trace(model_dir, forwards, dtype=np.float32, model=None):
             for name, value in zip(("input_ids", "attention_mask", "position_ids"), (ids, mask, positions)):
                 trace[f"{state['prefix']}inputs.{name}"] = _np(value)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True,
-                        past_key_values=cache, use_cache=decoding, logits_to_keep=1 if decoding else 0)
+                        **{cache_argument(hf): cache}, use_cache=decoding, logits_to_keep=1 if decoding else 0)
             trace[f"{state['prefix']}logits"] = _np(out.logits)
     return trace

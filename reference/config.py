@@ -34,6 +34,59 @@ def read_small_text(path):
         return f.read()
 
 
+DEFAULT_ROPE_THETA = 10000.0  # both versions' value when a file names no base at all
+
+
+def _rope_theta_sources(values):
+    """{where: θ} for every place a config.json dict states RoPE's base: 4.56.2 reads top-level `rope_theta`;
+    transformers 5 reads `rope_parameters["rope_theta"]`, or `rope_scaling`'s when that legacy dict is given (it
+    replaces rope_parameters there), falling back to `rope_theta`."""
+    sources = {}
+    if values.get("rope_theta") is not None:
+        sources["rope_theta"] = values["rope_theta"]
+    for key in ("rope_parameters", "rope_scaling"):
+        block = values.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ValueError(f"JetMoeConfig.{key} must be None or a dict, got {block!r}")
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        unknown = sorted(set(block) - {"rope_type", "type", "rope_theta"})
+        if rope_type != "default" or unknown:
+            raise ValueError(f"JetMoeConfig.{key}={block!r} is not supported: only default RoPE (rope_type "
+                             "'default', with at most rope_theta) is implemented")
+        if block.get("rope_theta") is not None:
+            sources[f"{key}.rope_theta"] = block["rope_theta"]
+    return sources
+
+
+def read_transformers5_keys(values):
+    """A config.json dict as 4.56.2 or transformers 5 writes it -> our field names (docs/transformers.md).
+
+    RoPE: θ may stand in `rope_theta` (4.56.2), `rope_parameters` (5.x) or `rope_scaling` (legacy); where more than
+    one holds it they must agree, since 4.56.2 and 5.x would each believe a different one. `head_dim` is 5.x's alias
+    of kv_channels (attribute_map); `partial_rotary_factor` (5.x rotates only part of each head) is refused."""
+    values = dict(values)
+    sources = _rope_theta_sources(values)
+    if len(set(map(repr, sources.values()))) > 1:
+        stated = ", ".join(f"{k}={v!r}" for k, v in sources.items())
+        raise ValueError(f"config.json states RoPE's base twice with different values ({stated}): transformers "
+                         "4.56.2 reads rope_theta, 5.x rope_parameters; which one is meant is ambiguous")
+    values.pop("rope_parameters", None)  # written back from rope_theta by to_dict
+    values["rope_theta"] = next(iter(sources.values()), DEFAULT_ROPE_THETA)
+    if "head_dim" in values:
+        head_dim = values.pop("head_dim")
+        if "kv_channels" in values and values["kv_channels"] != head_dim:
+            raise ValueError(f"config.json gives kv_channels={values['kv_channels']!r} and head_dim={head_dim!r}: "
+                             "transformers 5 reads head_dim as kv_channels, so they must agree")
+        values["kv_channels"] = head_dim
+    factor = values.pop("partial_rotary_factor", None)
+    if factor not in (None, 1, 1.0):
+        raise ValueError(f"JetMoeConfig.partial_rotary_factor={factor!r} is not supported: JetMoE rotates whole "
+                         "heads (transformers 5 would rotate only part of each)")
+    return values
+
+
 # Keys HF writes into config.json that carry no meaning for the math; kept so a round trip loses nothing.
 _PASSTHROUGH_DEFAULTS = {"model_type": "jetmoe", "architectures": ["JetMoeForCausalLM"]}
 
@@ -122,7 +175,7 @@ class JetMoeConfig:
 
     @classmethod
     def from_dict(cls, values):
-        values = dict(values)
+        values = read_transformers5_keys(dict(values))
         names = {f.name for f in fields(cls)} - {"extra"}
         if "num_labels" not in values and "id2label" in values:
             values["num_labels"] = len(values["id2label"])  # HF stores num_labels only through id2label
@@ -137,6 +190,8 @@ class JetMoeConfig:
             if f.name not in ("extra", "num_labels"):
                 out[f.name] = getattr(self, f.name)
         out["num_attention_heads"] = self.num_attention_heads
+        # transformers 5 reads RoPE's base only from rope_parameters, 4.56.2 only from rope_theta: write both, equal
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if len(self.extra.get("id2label", {})) != self.num_labels:  # HF keeps num_labels as len(id2label)
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}

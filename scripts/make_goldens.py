@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "golden"))
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    hf_oracle.check_versions()
+    hf_oracle.check_versions(semantics=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for index, (name, values) in enumerate(CONFIGS.items()):
         values = {**COMMON, **values}
