@@ -141,3 +141,69 @@ def test_the_originals_logsumexp_overflows_where_ours_does_not(rng):
     value = float(router_aux_loss("jetmoe", [logits], 4, 2))
     exact = float(original_router_loss(torch.tensor(logits.astype(np.float64)), 4, 2))
     assert np.isfinite(value) and abs(value - exact) <= 1e-6 * exact  # float32: ~1e-7 per op, a few dozen ops
+
+
+def test_torch_topk_does_not_put_the_lower_expert_first():
+    # The original (and HF) route with torch.topk, whose order among equal values is unspecified. On this torch
+    # (2.13.0, CPU) eight equal logits give experts 6 and 5, not ours: reference/routing.py takes the lowest ids
+    # first (tests/reference/test_routing.py test_equal_logits_go_to_the_lower_expert). If torch changes its order,
+    # this fails and docs/semantics.md's sentence on it is due for a rewrite.
+    chosen = torch.zeros(3, 8).topk(2, dim=1).indices
+    assert not bool((chosen == torch.tensor([0, 1])).all(dim=1).any()), chosen.tolist()
+
+
+def test_hf_config_reads_the_original_names_as_its_defaults():
+    # A config.json of the original names its sizes moe_num_experts, moe_top_k and ffn_hidden_size. HF's
+    # JetMoeConfig keeps them as unknown attributes and builds its defaults (8, 2, 5632) instead; reference/config.py
+    # maps them (tests/reference/test_original_code.py).
+    from reference import JetMoeConfig
+    original = dict(moe_num_experts=4, moe_top_k=1, ffn_hidden_size=24, num_key_value_heads=2, num_attention_heads=2)
+    hf = transformers.JetMoeConfig.from_dict(original)
+    assert (hf.num_local_experts, hf.num_experts_per_tok, hf.intermediate_size) == (8, 2, 5632)
+    ours = JetMoeConfig.from_dict(original)
+    assert (ours.num_local_experts, ours.num_experts_per_tok, ours.intermediate_size) == (4, 1, 24)
+
+
+class OriginalRotaryEmbedding(torch.nn.Module):
+    # modeling_jetmoe.py JetMoERotaryEmbedding at 0a9bc5a, as written (less its device arguments)
+    def __init__(self, dim, max_position_embeddings=2048, base=10000):
+        super().__init__()
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = base
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._set_cos_sin_cache(seq_len=max_position_embeddings, dtype=torch.get_default_dtype())
+
+    def _set_cos_sin_cache(self, seq_len, dtype):
+        self.max_seq_len_cached = seq_len
+        t = torch.arange(self.max_seq_len_cached, dtype=torch.int64).type_as(self.inv_freq)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x, seq_len=None):
+        if seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, dtype=x.dtype)
+        return self.cos_cached[:seq_len].to(dtype=x.dtype), self.sin_cached[:seq_len].to(dtype=x.dtype)
+
+
+def test_the_originals_rope_past_max_position_embeddings_in_bfloat16():
+    # The original builds its cos/sin table for max_position_embeddings positions when the model is made, in float32.
+    # A longer sequence rebuilds it with positions t.type_as(inv_freq): once the model is cast to bfloat16
+    # (Module.to casts the inv_freq buffer too), positions and angles are bfloat16, where the angles of positions
+    # in the hundreds are rounded by whole units. Ours (like HF 4.56.2) computes every position's angle in float32
+    # and rounds only cos and sin to bfloat16, so it matches the original within the table and not past it.
+    import ml_dtypes
+
+    from reference.rope import cos_sin
+    dim, max_positions, seq_len = 8, 64, 600
+    rotary = OriginalRotaryEmbedding(dim, max_positions).to(torch.bfloat16)
+    inside, _ = rotary(torch.zeros(1, dtype=torch.bfloat16), seq_len=max_positions)  # the table built at init
+    past, _ = rotary(torch.zeros(1, dtype=torch.bfloat16), seq_len=seq_len)  # rebuilt in bfloat16
+    ours, _ = cos_sin(np.arange(seq_len)[None], dim, 10000.0, ml_dtypes.bfloat16)  # [1, T, Dh]
+    ours = ours[0].astype(np.float64)
+    bf16_ulp = 2.0**-8  # cos in [-1, 1]: one bfloat16 step, for a float32 inv_freq an ulp apart on the two sides
+    assert np.abs(inside.double().numpy() - ours[:max_positions]).max() <= bf16_ulp
+    assert np.abs(past.double().numpy()[max_positions:] - ours[max_positions:]).max() > 0.5

@@ -1,15 +1,19 @@
-"""config.json as the original JetMoE code writes it (github.com/myshell-ai/JetMoE, jetmoe/configuration_jetmoe.py).
+"""What the reference does where the original JetMoE code (github.com/myshell-ai/JetMoE) departs from HF.
 
-Its JetMoEConfig stores every __init__ argument under its own name: three sizes are named differently from HF's
-(reference/config.py ORIGINAL_NAMES), two architecture flags (bias, glu) HF does not have, and num_attention_heads
-is an input, which its attention asserts equals num_key_value_heads * moe_top_k. docs/semantics.md ("The original
-JetMoE code against HF and us") has the mapping.
+docs/semantics.md ("The original JetMoE code against HF and us") lists the departures; the ones that need torch are
+in tests/oracle/test_original_jetmoe.py.
+
+config.json as the original writes it (jetmoe/configuration_jetmoe.py): its JetMoEConfig stores every __init__
+argument under its own name. Three sizes are named differently from HF's (reference/config.py ORIGINAL_NAMES), two
+architecture flags (bias, glu) HF does not have, and num_attention_heads is an input, which its attention asserts
+equals num_key_value_heads * moe_top_k.
 """
 
 import json
 
 import numpy as np
 import pytest
+from helpers import assert_close, make_model, real_tokens
 
 from reference import JetMoeConfig, JetMoeForCausalLM
 from reference.config import ORIGINAL_NAMES
@@ -89,3 +93,19 @@ def test_num_attention_heads_must_be_k_times_h(tmp_path, names):
     with pytest.raises(ValueError, match=r"num_attention_heads=4, but JetMoE's query heads are "
                                          r"num_key_value_heads \* num_experts_per_tok = 6"):
         JetMoeConfig.from_pretrained(write(tmp_path, values))
+
+
+def test_one_token_takes_the_same_path(rng):
+    # The original's MoE and MoA switch to a separate single-token path when B*T == 1 (moe.py single_forward,
+    # single_map, single_reduce: a loop over the K chosen experts). HF 4.56.2 and the reference have one path for
+    # every size: a lone token, and B=1 decoding one token at a time, give the rows of one forward over the sequence.
+    model = make_model(rng, "E4_K2_H2")
+    ids = real_tokens(rng, model.config, (1, 6))  # [1, T]
+    full = model(input_ids=ids).logits  # [1, T, V]
+    assert_close(model(input_ids=ids[:, :1]).logits, full[:, :1], 1e-12, "a lone token")  # float64: sum order only
+    cache, steps = None, []
+    for t in range(ids.shape[1]):
+        out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    assert_close(np.concatenate(steps, axis=1), full, 1e-12, "B=1 decoding, one token per call")
