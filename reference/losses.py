@@ -9,7 +9,7 @@ carries the gradient):
                 the experts summed over layers, about K = 2 when balanced.
   "per_router"  HF's formula on each router on its own, summed over the 2L routers: each layer is balanced
                 (scripts/train_tiny_torch.py's recipe, which trained the committed model).
-  "jetmoe"      the original JetMoE training code (github.com/myshell-ai/JetMoE, jetmoe/utils/gate.py,
+  "jetmoe"      the original JetMoE code (github.com/myshell-ai/JetMoE, jetmoe/utils/gate.py,
                 compute_aux_loss), exactly: for each router, E * sum_e (P_e / sum P) (c_e / sum c)
                 + 0.1 * mean(logsumexp(logits)^2), summed over the 2L routers. Its Switch term is HF's divided by K
                 (c_e counts all K choices): about 1 a router balanced, so about 2L = 48 for jetmoe-8b against HF's
@@ -21,7 +21,7 @@ carries the gradient):
     "per_router", which leave pads out as HF's load_balancing_loss_func does.
   - c_e counts token n for expert e only where e's top-k gate (the softmax over the chosen K logits, in the logits'
     dtype) is > 0: a gate that underflows to 0 (float32: trailing the top logit by more than ~104) is not counted.
-    The original rounds the gate to the activation dtype first (bf16 in its training); we test it in the logits'.
+    The original rounds the gate to the activation dtype first (bf16 in a bf16 model); we test it in the logits'.
   - One guard the original lacks: its logsumexp is log(sum(exp(logits))), inf once a float32 logit passes ~88.7;
     ours subtracts each row's largest logit first. Where the original's value is finite the two agree to
     round-off. The original also divides by max(sum, 1e-12) (F.normalize), a guard that never acts here:
