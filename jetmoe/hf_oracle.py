@@ -298,12 +298,12 @@ def make_inputs(config_dict, rng, batch=3, tokens=11):
     }
 
 
-def jetmoe_router_loss(router_logits, num_experts, top_k, attention_mask=None, z_loss_coef=0.1):
+def jetmoe_router_loss(router_logits, num_experts, top_k, z_loss_coef=0.1):
     """The original JetMoE's aux loss (its jetmoe/utils/gate.py compute_aux_loss), written in torch for the gradient
     oracle: per router E * sum(normalize(sum probs) * normalize(expert counts)) + 0.1 * mean(logsumexp^2), summed.
-    As in the original, every position counts, pads included: attention_mask is accepted (hf_loss passes one to
-    every variant) and not used. An expert is counted where its top-k gate is > 0, as there. torch.logsumexp is
-    the stable form of the original's log(exp(logits).sum()): equal wherever that is finite.
+    As in the original, every position counts, pads included (it takes no attention mask), and an expert is
+    counted where its top-k gate is > 0. torch.logsumexp is the stable form of the original's
+    log(exp(logits).sum()): equal wherever that is finite.
     tests/oracle/test_original_jetmoe.py holds this to a line-by-line transcription of the original."""
     total = 0
     for logits in router_logits:
@@ -333,7 +333,7 @@ def hf_loss(model, input_ids, labels, attention_mask=None, output_router_logits=
         elif aux_loss == "per_router":
             aux = sum(hf.load_balancing_loss_func((r,), E, K, attention_mask) for r in base.router_logits)
         else:
-            aux = jetmoe_router_loss(base.router_logits, E, K, attention_mask)
+            aux = jetmoe_router_loss(base.router_logits, E, K)  # the original's: every position, no mask
         loss = loss + config.aux_loss_coef * aux
     return loss
 
