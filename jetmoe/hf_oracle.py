@@ -321,21 +321,22 @@ def make_inputs(config_dict, rng, batch=3, tokens=11):
     }
 
 
-def jetmoe_router_loss(router_logits, num_experts, top_k, attention_mask=None, z_loss_coef=0.1):
+def jetmoe_router_loss(router_logits, num_experts, top_k, z_loss_coef=0.1):
     """The original JetMoE's aux loss (its jetmoe/utils/gate.py compute_aux_loss), written in torch for the gradient
-    oracle: per router E * sum(normalize(sum probs) * normalize(expert counts)) + 0.1 * mean(logsumexp^2), summed;
-    padding tokens (attention_mask == 0) are left out of every sum."""
+    oracle: per router E * sum(normalize(sum probs) * normalize(expert counts)) + 0.1 * mean(logsumexp^2), summed.
+    As in the original, every position counts, pads included (it takes no attention mask), and an expert is
+    counted where its top-k gate is > 0. torch.logsumexp is the stable form of the original's
+    log(exp(logits).sum()): equal wherever that is finite.
+    tests/oracle/test_original_jetmoe.py holds this to a line-by-line transcription of the original."""
     total = 0
     for logits in router_logits:
-        keep = (torch.ones(logits.shape[0], dtype=logits.dtype) if attention_mask is None
-                else attention_mask.reshape(-1).to(logits.dtype))
         probs = torch.softmax(logits, dim=-1)
-        chosen = torch.topk(logits, top_k, dim=-1).indices
-        counts = (torch.nn.functional.one_hot(chosen, num_experts).sum(1).to(logits.dtype) * keep[:, None]).sum(0)
-        accumulated = (probs * keep[:, None]).sum(0)
-        switch = num_experts * (torch.nn.functional.normalize(accumulated, p=1, dim=0)
-                                * torch.nn.functional.normalize(counts, p=1, dim=0)).sum()
-        z_loss = (torch.logsumexp(logits, dim=-1) ** 2 * keep).sum() / keep.sum()
+        top = torch.topk(logits, top_k, dim=-1)
+        gated = torch.softmax(top.values, dim=-1) > 0  # [N, K]
+        counts = (torch.nn.functional.one_hot(top.indices, num_experts) * gated[..., None]).sum((0, 1))
+        switch = num_experts * (torch.nn.functional.normalize(probs.sum(0), p=1, dim=0)
+                                * torch.nn.functional.normalize(counts.to(logits.dtype), p=1, dim=0)).sum()
+        z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
         total = total + switch + z_loss_coef * z_loss
     return total
 
@@ -355,7 +356,7 @@ def hf_loss(model, input_ids, labels, attention_mask=None, output_router_logits=
         elif aux_loss == "per_router":
             aux = sum(hf.load_balancing_loss_func((r,), E, K, attention_mask) for r in base.router_logits)
         else:
-            aux = jetmoe_router_loss(base.router_logits, E, K, attention_mask)
+            aux = jetmoe_router_loss(base.router_logits, E, K)  # the original's: every position, no mask
         loss = loss + config.aux_loss_coef * aux
     return loss
 

@@ -90,6 +90,33 @@ def read_transformers5_keys(values):
 # Keys HF writes into config.json that carry no meaning for the math; kept so a round trip loses nothing.
 _PASSTHROUGH_DEFAULTS = {"model_type": "jetmoe", "architectures": ["JetMoeForCausalLM"]}
 
+# The original JetMoE code (github.com/myshell-ai/JetMoE, jetmoe/configuration_jetmoe.py) writes model_type "jetmoe"
+# too, with three sizes under other names: from_dict reads either name (docs/semantics.md, "The original JetMoE code
+# against HF and us"). HF's own JetMoeConfig would ignore them and use its defaults.
+ORIGINAL_NAMES = {"moe_num_experts": "num_local_experts", "moe_top_k": "num_experts_per_tok",
+                  "ffn_hidden_size": "intermediate_size"}
+# The original's two architecture flags. HF's JetMoe, and so this reference, is the original with both true.
+ORIGINAL_FLAGS = {"bias": "a learned bias added to each MLP mixture's output",
+                  "glu": "gated (SwiGLU) MLP experts, whose input_linear holds 2F rows"}
+
+
+def _read_original_names(values):
+    # values: a config.json dict, changed in place: the original JetMoE's names renamed to ours, its flags checked
+    # and dropped. ValueError where a file holds both names of one field with different values, or a flag not true.
+    for original, ours in ORIGINAL_NAMES.items():
+        if original not in values:
+            continue
+        value = values.pop(original)
+        if ours in values and values[ours] != value:
+            raise ValueError(f"config.json holds {original}={value!r} and {ours}={values[ours]!r}: {original} is the "
+                             f"original JetMoE's name for {ours}, and the two disagree")
+        values[ours] = value
+    for flag, meaning in ORIGINAL_FLAGS.items():
+        value = values.pop(flag, True)
+        if value is not True:
+            raise ValueError(f"config.json holds the original JetMoE's {flag}={value!r}: only {flag}=true ({meaning}) "
+                             "is implemented, as in HF's JetMoe")
+
 
 @dataclass
 class JetMoeConfig:
@@ -176,12 +203,17 @@ class JetMoeConfig:
     @classmethod
     def from_dict(cls, values):
         values = read_transformers5_keys(dict(values))
+        _read_original_names(values)
         names = {f.name for f in fields(cls)} - {"extra"}
         if "num_labels" not in values and "id2label" in values:
             values["num_labels"] = len(values["id2label"])  # HF stores num_labels only through id2label
         known = {k: values.pop(k) for k in list(values) if k in names}
-        values.pop("num_attention_heads", None)  # derived, never an input (HF recomputes it too)
-        return cls(**known, extra=values)
+        heads = values.pop("num_attention_heads", None)  # derived: K*H (a property here)
+        config = cls(**known, extra=values)
+        if heads is not None and heads != config.num_attention_heads:  # the original asserts it; HF would use it
+            raise ValueError(f"config.json holds num_attention_heads={heads!r}, but JetMoE's query heads are "
+                             f"num_key_value_heads * num_experts_per_tok = {config.num_attention_heads}")
+        return config
 
     def to_dict(self):
         out = dict(_PASSTHROUGH_DEFAULTS)

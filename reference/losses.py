@@ -9,10 +9,25 @@ carries the gradient):
                 the experts summed over layers, about K = 2 when balanced.
   "per_router"  HF's formula on each router on its own, summed over the 2L routers: each layer is balanced
                 (scripts/train_tiny_torch.py's recipe, which trained the committed model).
-  "jetmoe"      the original JetMoE training code (jetmoe/utils/gate.py, compute_aux_loss): for each router,
-                E * sum_e (P_e / sum P) (c_e / sum c) + 0.1 * mean(logsumexp(logits)^2), summed over the 2L
-                routers. Its Switch term is HF's divided by K (c_e counts all K choices): about 1 a router
-                balanced, so about 2L = 48 for jetmoe-8b against HF's 2, a 24x stronger push at equal coefficient.
+  "jetmoe"      the original JetMoE code (github.com/myshell-ai/JetMoE, jetmoe/utils/gate.py,
+                compute_aux_loss), exactly: for each router, E * sum_e (P_e / sum P) (c_e / sum c)
+                + 0.1 * mean(logsumexp(logits)^2), summed over the 2L routers. Its Switch term is HF's divided by K
+                (c_e counts all K choices): about 1 a router balanced, so about 2L = 48 for jetmoe-8b against HF's
+                2, a 24x stronger push at equal coefficient.
+
+"jetmoe" is the original's function, not HF's with the original's terms, so it departs from the other two:
+  - Every one of the B*T positions counts, pads included, in the Switch term and in the z-loss. The original's gate
+    never sees an attention mask, so the mask does not reach this variant either. For a padded batch use "hf" or
+    "per_router", which leave pads out as HF's load_balancing_loss_func does.
+  - c_e counts token n for expert e only where e's top-k gate (the softmax over the chosen K logits, in the logits'
+    dtype) is > 0: a gate that underflows to 0 (float32: trailing the top logit by more than ~104) is not counted.
+    The original rounds the gate to the activation dtype first (bf16 in a bf16 model); we test it in the logits'.
+  - One guard the original lacks: its logsumexp is log(sum(exp(logits))), inf once a float32 logit passes ~88.7;
+    ours subtracts each row's largest logit first. Where the original's value is finite the two agree to
+    round-off. The original also divides by max(sum, 1e-12) (F.normalize), a guard that never acts here:
+    sum P = N and sum c >= N.
+tests/oracle/test_original_jetmoe.py holds value and gradient to the original, written in torch from its source;
+docs/semantics.md lists the original's other departures from HF.
 
 Notebooks: notebooks/05_the_whole_model.ipynb (the losses), 08_backpropagation_through_a_mixture_of_experts.ipynb
 (their gradients, and what the aux loss does to a dead expert).
@@ -114,49 +129,78 @@ def load_balancing_loss_backward(router_logits, num_experts, top_k, attention_ma
     return np.split(softmax_backward(d_probs, probs), len(router_logits))
 
 
-def router_z_loss(logits, attention_mask=None):
-    # logits: [N, E], attention_mask: [B, T] or None -> scalar: mean over kept tokens of logsumexp(logits)^2
-    # (ST-MoE's z-loss: it keeps router logits small, so the softmax stays out of float32's rounding)
-    lse, keep = _logsumexp(logits), _token_weights(len(logits), logits.dtype, attention_mask)
-    return keep @ (lse * lse)
+def router_z_loss(logits):
+    # logits: [N, E] -> scalar: mean over all N positions of logsumexp(logits)^2 (ST-MoE's z-loss: it keeps router
+    # logits small, so the softmax stays out of float32's rounding)
+    lse = _logsumexp(logits)
+    return np.mean(lse * lse)
 
 
-def router_z_loss_backward(logits, attention_mask=None):
-    # -> d_logits [N, E] = 2 * lse * softmax(logits) * keep
-    lse, keep = _logsumexp(logits), _token_weights(len(logits), logits.dtype, attention_mask)
-    return softmax(logits, axis=-1) * (2 * lse * keep)[:, None]
+def router_z_loss_backward(logits):
+    # -> d_logits [N, E] = 2 * lse * softmax(logits) / N
+    lse = _logsumexp(logits)
+    return softmax(logits, axis=-1) * (2 * lse / len(logits))[:, None]
 
 
 def _logsumexp(logits):
-    # [N, E] -> [N]
+    # [N, E] -> [N], shifted by each row's largest logit (the original's unshifted form overflows; module docstring)
     top = np.max(logits, axis=-1)
     return top + np.log(np.sum(np.exp(logits - top[:, None]), axis=-1))
 
 
-def _token_weights(tokens, dtype, attention_mask):
-    # -> [N]: 1/kept for kept tokens, 0 for padding
-    keep = np.ones(tokens, dtype) if attention_mask is None else attention_mask.reshape(-1).astype(dtype)
-    return keep / np.sum(keep)
+def _jetmoe_switch_terms(logits, num_experts, top_k):
+    # logits: [N, E] one router, every position -> probs [N, E], sum_probs [E] (sum P), share [E] (c_e / sum c):
+    # gate.py's top_k_gating.forward and compute_aux_loss up to their normalisation
+    probs = softmax(logits, axis=-1)  # [N, E]
+    chosen = top_k_of(logits, top_k)  # [N, K]
+    gates = softmax(np.take_along_axis(logits, chosen, axis=-1), axis=-1)  # [N, K]: the top-k gates
+    counts = np.bincount(chosen[gates > 0], minlength=num_experts).astype(probs.dtype)  # [E]: constants
+    return probs, np.sum(probs, axis=0), counts / np.sum(counts)
+
+
+def jetmoe_switch_loss(logits, num_experts, top_k):
+    # logits: [N, E] -> scalar: E * sum_e (P_e / sum P) * (c_e / sum c), the original's switchloss
+    _, sum_probs, share = _jetmoe_switch_terms(logits, num_experts, top_k)
+    return num_experts * np.sum(sum_probs / np.sum(sum_probs) * share)
+
+
+def jetmoe_switch_loss_backward(logits, num_experts, top_k):
+    # -> d_logits [N, E]. d loss / d p[n, e] = E * share[e] / sum P, the same for every position n; the
+    # normalisation's own term, -E * (sum_e P_e share_e) / (sum P)^2, is the same for every expert e, and a softmax
+    # backward maps a constant to 0, so it is left out.
+    probs, sum_probs, share = _jetmoe_switch_terms(logits, num_experts, top_k)
+    d_probs = np.broadcast_to(num_experts * share / np.sum(sum_probs), probs.shape)  # [N, E]
+    return softmax_backward(d_probs, probs)
+
+
+def jetmoe_router_loss(logits, num_experts, top_k):
+    # logits: [N, E] one router at every position -> scalar: the original's compute_aux_loss
+    return jetmoe_switch_loss(logits, num_experts, top_k) + Z_LOSS_COEF * router_z_loss(logits)
+
+
+def jetmoe_router_loss_backward(logits, num_experts, top_k):
+    # -> d_logits [N, E]
+    return (jetmoe_switch_loss_backward(logits, num_experts, top_k)
+            + Z_LOSS_COEF * router_z_loss_backward(logits))
 
 
 def router_aux_loss(kind, router_logits, num_experts, top_k, attention_mask=None):
-    # kind: one of AUX_LOSSES (module docstring), router_logits: 2L x [N, E] -> scalar
+    # kind: one of AUX_LOSSES (module docstring), router_logits: 2L x [N, E], attention_mask: [B, T] or None
+    # (left unused by "jetmoe", whose original never sees one) -> scalar
     if kind == "hf":
         return load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
-    switch = sum(load_balancing_loss([r], num_experts, top_k, attention_mask) for r in router_logits)
     if kind == "per_router":
-        return switch
-    return switch / top_k + Z_LOSS_COEF * sum(router_z_loss(r, attention_mask) for r in router_logits)
+        return sum(load_balancing_loss([r], num_experts, top_k, attention_mask) for r in router_logits)
+    return sum(jetmoe_router_loss(r, num_experts, top_k) for r in router_logits)
 
 
 def router_aux_loss_backward(kind, router_logits, num_experts, top_k, attention_mask=None):
     # -> 2L x [N, E]: d router_aux_loss(kind, ...) / d router logits
     if kind == "hf":
         return load_balancing_loss_backward(router_logits, num_experts, top_k, attention_mask)
-    grads = [load_balancing_loss_backward([r], num_experts, top_k, attention_mask)[0] for r in router_logits]
     if kind == "per_router":
-        return grads
-    return [g / top_k + Z_LOSS_COEF * router_z_loss_backward(r, attention_mask) for g, r in zip(grads, router_logits)]
+        return [load_balancing_loss_backward([r], num_experts, top_k, attention_mask)[0] for r in router_logits]
+    return [jetmoe_router_loss_backward(r, num_experts, top_k) for r in router_logits]
 
 
 def check_aux_loss(kind):
@@ -178,7 +222,8 @@ def causal_lm_losses(config, logits, labels, router_logits, attention_mask, inpu
         loss = causal_lm_loss(logits, labels)
     if router_logits is not None:
         # The intended behaviour of HF's JetMoeForCausalLM (which crashes here, transformers#31791): the
-        # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask.
+        # Switch loss over all 2L router-logit sets, masked by the current tokens' attention_mask ("hf" and
+        # "per_router"; "jetmoe" counts every position, as the original does).
         aux_loss = router_aux_loss(aux_kind, router_logits, config.num_local_experts, config.num_experts_per_tok,
                                    aux_mask(attention_mask, input_shape))
         if loss is not None:

@@ -277,14 +277,16 @@ def test_aux_loss_backward(rng, masked):
     grads = load_balancing_loss_backward(router_logits, 5, 2, mask)
     check_grads(rng, lambda: load_balancing_loss(router_logits, 5, 2, mask), inputs,
                 {f"router{i}": g for i, g in enumerate(grads)}, "load_balancing_loss")
-    check_grads(rng, lambda: router_z_loss(router_logits[0], mask), {"router0": router_logits[0]},
-                {"router0": router_z_loss_backward(router_logits[0], mask)}, "router_z_loss")
+    check_grads(rng, lambda: router_z_loss(router_logits[0]), {"router0": router_logits[0]},
+                {"router0": router_z_loss_backward(router_logits[0])}, "router_z_loss")
     for kind in AUX_LOSSES:
         grads = router_aux_loss_backward(kind, router_logits, 5, 2, mask)
         check_grads(rng, lambda: router_aux_loss(kind, router_logits, 5, 2, mask), inputs,
                     {f"router{i}": g for i, g in enumerate(grads)}, f"aux loss {kind}")
-    if masked:
-        assert np.all(grads[0][6:8] == 0), "a padding token's router logits got an aux-loss gradient"
+        if masked:  # HF's formula leaves the pads (tokens 6, 7) out; the original JetMoE's counts every position
+            assert np.all(grads[0][6:8] == 0) == (kind != "jetmoe"), f"{kind}: a pad's router logits' gradient"
+            unmasked = router_aux_loss(kind, router_logits, 5, 2)
+            assert (router_aux_loss(kind, router_logits, 5, 2, mask) == unmasked) == (kind == "jetmoe"), kind
 
 
 def test_aux_loss_variants_balanced_values():
