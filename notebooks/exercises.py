@@ -18,7 +18,6 @@ import numpy as np
 
 from reference.attention import additive_mask, attention_probs
 from reference.counting import active_parameters, count_parameters, forward_flops, parameter_shapes
-from reference.experts import moe
 from reference.losses import causal_lm_loss
 from reference.model import ExpertWeights
 from reference.norm import rms_norm
@@ -109,7 +108,7 @@ def check_top_k_gates(my_top_k_gates):
     return _verdict("my_top_k_gates", findings)
 
 
-def random_moe_layer(rng, tokens=10, hidden=8, experts=4, top_k=2, ffn=5):
+def random_moe_layer(rng, tokens=10, hidden=8, experts=4, ffn=5):
     # -> x [N, D], ExpertWeights (router, input_linear [E, 2F, D], output_linear [E, D, F], bias [D]), all random
     w = ExpertWeights(router=rng.standard_normal((experts, hidden)),
                       input_linear=rng.standard_normal((experts, 2 * ffn, hidden)) * 0.4,
@@ -118,26 +117,30 @@ def random_moe_layer(rng, tokens=10, hidden=8, experts=4, top_k=2, ffn=5):
     return rng.standard_normal((tokens, hidden)), w
 
 
-def check_moe_loop(my_moe_loop):
-    # my_moe_loop(x [N, D], top_k_indices [N, K], top_k_gates [N, K], input_linear [E, 2F, D],
-    #             output_linear [E, D, F], bias [D]) -> [N, D]  (notebook 03)
+def check_dispatch(my_dispatch):
+    # my_dispatch(top_k_indices [N, K], num_experts) -> (sorted_slots [N*K], expert_offsets [E+1])  (notebook 03)
     rng = np.random.default_rng()
     findings = []
-    for experts in (4, 16):  # 16 experts for 10 tokens x K=2: some experts receive no token
+    for experts in (4, 16):  # 10 tokens x K=2 over 16 experts: some experts receive no slot
         x, w = random_moe_layer(rng, experts=experts)
         plan = plan_from_logits(x @ w.router.T, 2, x.dtype)
-        got = my_moe_loop(x, plan.top_k_indices, plan.top_k_gates, w.input_linear, w.output_linear, w.bias)
-        if got is None:
-            print(NOT_IMPLEMENTED.format(name="my_moe_loop"))
+        result = my_dispatch(plan.top_k_indices.copy(), experts)
+        if result is None:
+            print(NOT_IMPLEMENTED.format(name="my_dispatch"))
             return False
-        want = moe(x[None], w, 2)[0][0]  # [N, D]
-        difference = _compare(got, want, f"E={experts}: the layer output")
-        if difference:
-            without_bias = np.asarray(got) + w.bias
-            if np.shape(got) == want.shape and np.allclose(without_bias, want):
-                difference += "; add the bias [D] once per token (it is shared by all experts)"
-            findings.append(difference + "; remember: SwiGLU is silu(first half of h) * second half")
-    return _verdict("my_moe_loop", findings)
+        sorted_slots, offsets = (np.asarray(part) for part in result)
+        if sorted_slots.shape != plan.sorted_slots.shape or not np.array_equal(sorted_slots, plan.sorted_slots):
+            line = f"E={experts}: sorted_slots {sorted_slots.tolist()}, expected {plan.sorted_slots.tolist()}"
+            flat = plan.top_k_indices.reshape(-1)
+            if sorted_slots.shape == plan.sorted_slots.shape and np.array_equal(flat[sorted_slots],
+                                                                              flat[plan.sorted_slots]):
+                line += "; grouped by expert, but not in slot order inside a group: use a stable sort"
+            findings.append(line)
+        if offsets.shape != plan.expert_offsets.shape or not np.array_equal(offsets, plan.expert_offsets):
+            findings.append(f"E={experts}: expert_offsets {offsets.tolist()}, expected "
+                            f"{plan.expert_offsets.tolist()} (E+1 numbers: 0, then the running count of slots per "
+                            "expert, an empty expert included: np.bincount(..., minlength=E))")
+    return _verdict("my_dispatch", findings)
 
 
 def check_attention_probs(my_attention_probs):

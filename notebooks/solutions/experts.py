@@ -1,17 +1,12 @@
-"""Notebook 03: the mixture of MLP experts as a plain loop over experts (the naive version)."""
+"""Notebook 03: the dispatch plan, the slots grouped by expert."""
 
 import numpy as np
 
 
-def my_moe_loop(x, top_k_indices, top_k_gates, input_linear, output_linear, bias):
-    # x: [N, D], top_k_indices/top_k_gates: [N, K], input_linear: [E, 2F, D], output_linear: [E, D, F], bias: [D]
-    # -> [N, D]
-    y = np.tile(bias, (x.shape[0], 1))  # [N, D]
-    ffn = output_linear.shape[2]
-    for e in range(input_linear.shape[0]):
-        tokens, choice = np.nonzero(top_k_indices == e)  # the slots routed to expert e
-        h = x[tokens] @ input_linear[e].T  # [n_e, 2F]
-        gate, up = h[:, :ffn], h[:, ffn:]
-        act = gate / (1 + np.exp(-gate)) * up  # silu(gate) * up: [n_e, F]
-        y[tokens] += top_k_gates[tokens, choice][:, None] * (act @ output_linear[e].T)  # [n_e, D]
-    return y
+def my_dispatch(top_k_indices, num_experts):
+    # top_k_indices: [N, K] -> sorted_slots [N*K] (slot ids n*K + k grouped by expert, in slot order inside a group),
+    # expert_offsets [E+1] (expert e owns sorted_slots[offsets[e]:offsets[e+1]])
+    flat = top_k_indices.reshape(-1)  # [N*K] the expert of each slot
+    sorted_slots = np.argsort(flat, kind="stable")  # stable: a group keeps its slots in order
+    counts = np.bincount(flat, minlength=num_experts)  # [E], zero for an expert no slot chose
+    return sorted_slots, np.concatenate([[0], np.cumsum(counts)])
