@@ -1,7 +1,8 @@
-"""The notebooks' drawing code, so that a notebook cell shows what is drawn, not how.  Shapes: reference/__init__.py.
+"""The notebooks' drawing code and number formatting, so that a notebook cell shows what is drawn, not how.
+Shapes: reference/__init__.py.
 
-Every function draws from data it is given (a routing plan, a trace, a config, a training log) and returns the
-matplotlib figure; nothing here computes model numbers of its own.
+Every function draws from data it is given (a config, a routing plan, a trace, a training log) and returns the
+matplotlib figure (or the table's text); nothing here computes model numbers of its own.
 """
 
 import json
@@ -9,8 +10,157 @@ import os
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import FancyArrowPatch
+from matplotlib.text import Text
+
+from reference.counting import PARTS
 
 EXPERT_COLORS = plt.get_cmap("tab10")
+
+
+def si(number, unit=""):
+    # 8522231808 -> "8.52 G": three significant digits and an SI prefix
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(number) >= scale:
+            return f"{number / scale:.3g} {prefix}{unit}"
+    return f"{number:.3g} {unit}".rstrip()  # 0 -> "0": no trailing space to misalign a column
+
+
+def part_table(columns):
+    # {column title: {part: number}} -> a table, one row per part of reference.counting.PARTS, then the totals
+    width = max(12, *(len(title) for title in columns))
+    lines = [f"{'':<20}" + "".join(f"{title:>{width + 2}}" for title in columns)]
+    for part in PARTS + ("total",):
+        row = [sum(c.values()) if part == "total" else c[part] for c in columns.values()]
+        lines.append(f"{part:<20}" + "".join(f"{si(n):>{width + 2}}" for n in row))
+    return "\n".join(lines)
+
+
+COLORS = {"io": "#eeeeee", "norm": "#e3f0d8", "router": "#fde2c8", "expert": "#d8e6f7", "shared": "#efe0f5",
+          "math": "#fff6c8", "stack": "#d8e6f7", "plus": "white"}
+SHAPE_COLOR = "#1f3f8f"
+
+
+def dims(*named):
+    # "T", ("D", 128), ... -> "[T, D=128]": each dimension by its legend letter, with its size where the config fixes it
+    return "[" + ", ".join(d if isinstance(d, str) else f"{d[0]}={d[1]}" for d in named) + "]"
+
+
+def node(ax, x, y, text, kind, size=9):
+    # a box sized to its text, centred on (x, y); arrows attach to its outline
+    style = "circle,pad=0.15" if kind == "plus" else "round,pad=0.5"
+    return ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=3,
+                   bbox=dict(boxstyle=style, facecolor=COLORS[kind], edgecolor="#555555"))
+
+
+def link(ax, a, b, label="", head=True, dashed=False, bend="arc3", where=0.5, side="right", label_at=None):
+    # an arrow from a to b (nodes or (x, y) points), cut at the nodes' outlines, with `label` (a tensor's shape)
+    # beside `label_at`, by default the point `where` of the way from a to b
+    ends = [end.get_position() if isinstance(end, Text) else end for end in (a, b)]
+    patches = [end.get_bbox_patch() if isinstance(end, Text) else None for end in (a, b)]
+    # drawn after the nodes (zorder), so their outlines are in place when the arrow is cut at them
+    ax.add_patch(FancyArrowPatch(*ends, patchA=patches[0], patchB=patches[1], connectionstyle=bend,
+                                 arrowstyle="-|>" if head else "-", mutation_scale=12, color="#333333", lw=1.1,
+                                 linestyle="--" if dashed else "-", shrinkA=0, shrinkB=0, zorder=3.5))
+    if label:
+        x, y = label_at or (ends[0][0] + where * (ends[1][0] - ends[0][0]),
+                            ends[0][1] + where * (ends[1][1] - ends[0][1]))
+        ax.text(x + (0.35 if side == "right" else -0.35), y, label, fontsize=8, color=SHAPE_COLOR, va="center",
+                ha="left" if side == "right" else "right", zorder=4,
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.4, alpha=0.85))
+
+
+def region(ax, bottom, top, title):
+    # the shaded frame of the MoA or the MoE, titled in its lower right corner
+    ax.add_patch(plt.Rectangle((2.8, bottom), 21, top - bottom, facecolor="#f5f7fb", edgecolor="#9aaac4", zorder=0))
+    ax.text(23.5, bottom + 1.2, title, ha="right", fontsize=10, weight="bold", color="#3b4a6b")
+
+
+def draw_jetmoe(config, name):
+    """The stack (left) and one block with its MoA and MoE (right), drawn from `config`: every box names its weight
+    and shape, every edge its tensor's shape, for one sequence of T tokens."""
+    D, E, K, H, Dh, F, V, L = (config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                               config.num_key_value_heads, config.kv_channels, config.intermediate_size,
+                               config.vocab_size, config.num_hidden_layers)
+    hidden = dims("T", ("D", D))
+    fig, (stack, block) = plt.subplots(1, 2, figsize=(14, 11), layout="constrained",
+                                     gridspec_kw=dict(width_ratios=[1, 2.4]))
+    for ax, width in ((stack, 10), (block, 24)):
+        ax.set(xlim=(0, width), ylim=(-4, 100))
+        ax.axis("off")
+    fig.suptitle(f"{name}: D={D}, L={L}, E={E}, K={K}, H={H}, Dh={Dh}, F={F}, V={V}", fontsize=12)
+
+    # the stack
+    embed = node(stack, 5, 86, f"embed_tokens\n{dims(('V', V), ('D', D))}", "io")
+    blocks = node(stack, 5, 56, f"{L} x block\n\nMoA + residual\nMoE + residual\n\n(one block: right)", "stack", 10)
+    norm = node(stack, 5, 27, "norm (final RMSNorm)", "norm")
+    tied = "tied: the same matrix\nas embed_tokens" if config.tie_word_embeddings else "untied: a matrix of its own"
+    head = node(stack, 5, 13, f"lm_head {dims(('V', V), ('D', D))}\n{tied}", "io")
+    link(stack, (5, 98), embed, "input_ids " + dims("T"), where=0.3)
+    link(stack, embed, blocks, "h " + hidden, where=0.35)
+    link(stack, blocks, norm, hidden, where=0.6)
+    link(stack, norm, head, hidden)
+    link(stack, head, (5, -2), "logits " + dims("T", ("V", V)), where=0.6)
+
+    # one block: the residual stream runs down the left edge; each sublayer adds into it at a "+"
+    xr, xa, xm, xk = 1.0, 5.5, 13.0, 20.5  # columns: residual, routers, experts, kv_proj
+    block.text(xr + 0.3, 99.5, "h " + hidden, fontsize=9, va="center")
+
+    # MoA
+    region(block, 55, 90.8, "MoA: mixture of attention heads")
+    norm_moa = node(block, xm, 95, "input_layernorm (RMSNorm)", "norm")
+    link(block, (xr, 97.5), (xm, 97.5), head=False)
+    link(block, (xm, 97.5), norm_moa)
+    router = node(block, xa, 84, f"router {dims(('E', E), ('D', D))}\ntop-{K} of {E}", "router")
+    query = node(block, xm, 84, f"query experts, K={K} of E={E}\nW_q[e] {dims(('H*Dh', H * Dh), ('D', D))}",
+                 "expert")
+    kv = node(block, xk, 84, f"kv_proj, shared\n{dims(('2*H*Dh', 2 * H * Dh), ('D', D))}", "shared")
+    link(block, norm_moa, (xm, 89.5), "x " + hidden, head=False)
+    link(block, (xa, 89.5), (xk, 89.5), head=False)
+    for target in (router, query, kv):
+        link(block, (target.get_position()[0], 89.5), target)
+    link(block, router, query, dashed=True)
+    attend = node(block, 16.75, 72, f"RoPE on q and k; softmax(q k^T / sqrt(Dh) + causal mask) v\n"
+                  f"K*H = {K * H} query heads share H = {H} kv heads", "math")
+    link(block, query, attend, "q " + dims("T", ("K*H", K * H), ("Dh", Dh)), side="left")
+    link(block, kv, attend, "k, v " + dims("T", ("H", H), ("Dh", Dh)))
+    output = node(block, xm + 1.5, 61, f"output experts, K of E: W_o[e] {dims(('D', D), ('H*Dh', H * Dh))}\n"
+                  f"sum over k of gate * W_o[e] context, + bias {dims(('D', D))}", "expert")
+    link(block, attend, output, "context " + dims("T", ("K", K), ("H*Dh", H * Dh)), where=0.45)
+    gates = "top_k_indices,\ngates " + dims("T", ("K", K))
+    link(block, router, output, gates, dashed=True, bend="angle,angleA=-90,angleB=180,rad=0", side="left",
+         label_at=(xa, 72))
+    plus_moa = node(block, xr, 53, "+", "plus", 11)
+    link(block, output, plus_moa, hidden, bend="angle,angleA=-90,angleB=0,rad=0", label_at=(xm - 6, 53.9))
+
+    # MoE
+    region(block, 8, 44.8, "MoE: mixture of SwiGLU MLP experts")
+    norm_moe = node(block, xm, 48.5, "post_attention_layernorm (RMSNorm)", "norm")
+    link(block, (xr, 50.5), (xm, 50.5), head=False)
+    link(block, (xm, 50.5), norm_moe)
+    router = node(block, xa, 38, f"router {dims(('E', E), ('D', D))}\ntop-{K} of {E}", "router")
+    up = node(block, xm, 38, f"MLP experts, K={K} of E={E}\nW_in[e] {dims(('2F', 2 * F), ('D', D))}", "expert")
+    link(block, norm_moe, (xm, 43), "x " + hidden, head=False, where=0.4)
+    link(block, (xa, 43), (xm, 43), head=False)
+    link(block, (xa, 43), router)
+    link(block, (xm, 43), up)
+    link(block, router, up, dashed=True)
+    act = node(block, xm, 28.5, "SwiGLU: silu(gate half) * up half", "math")
+    link(block, up, act, "x gathered by expert, then W_in: " + dims("N*K", ("2F", 2 * F)))
+    down = node(block, xm, 18, f"W_out[e] {dims(('D', D), ('F', F))}, back to slot order\n"
+                f"sum over k of gate * expert_out, + bias {dims(('D', D))}", "expert")
+    link(block, act, down, "expert_act " + dims("N*K", ("F", F)))
+    link(block, router, down, gates, dashed=True, bend="angle,angleA=-90,angleB=180,rad=0", side="left",
+         label_at=(xa, 28.5))
+    plus_moe = node(block, xr, 5, "+", "plus", 11)
+    link(block, down, plus_moe, hidden, bend="angle,angleA=-90,angleB=0,rad=0", label_at=(xm - 6, 5.9))
+    link(block, (xr, 99), plus_moa)
+    link(block, plus_moa, plus_moe)
+    link(block, plus_moe, (xr, -3.5), "h " + hidden, where=0.4)
+    block.text(0, -5, "Shapes for one sequence of T tokens: N = B*T = T rows, N*K slots (slot n*K + k is token n's "
+               "k-th choice).\nK of E: the K experts a token's router picks in that layer; dashed: the routing.",
+               fontsize=8.5, va="top")
+    return fig
 
 
 def _box(ax, x, y, text, color, width=0.8, height=0.8):
