@@ -21,6 +21,7 @@ from reference.counting import active_parameters, count_parameters, forward_flop
 from reference.losses import causal_lm_loss
 from reference.model import ExpertWeights
 from reference.norm import rms_norm
+from reference.rope import apply_rope, cos_sin
 from reference.routing import plan_from_logits, top_k_gates_backward
 
 NOT_IMPLEMENTED = "not yet implemented: write the body of {name} (it returns None), then run this cell again"
@@ -68,6 +69,30 @@ def check_rms_norm(my_rms_norm):
         elif np.allclose(got, rms_norm(x, np.ones_like(weight), eps)):
             findings.append("multiply by the weight [D] at the end")
     return _verdict("my_rms_norm", findings)
+
+
+def check_rope(my_rope):
+    # my_rope(x [heads, T, Dh], positions [T], theta) -> [heads, T, Dh], HF's rotate-half RoPE  (notebook 01)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 6, 8))  # [heads, T, Dh] float64
+    positions = rng.integers(0, 500, size=6)  # [T], any positions (a cache continues where it stopped)
+    theta = 10000.0
+    got = my_rope(x, positions, theta)
+    if got is None:
+        print(NOT_IMPLEMENTED.format(name="my_rope"))
+        return False
+    cos, sin = cos_sin(positions[None], 8, theta, x.dtype)  # [1, T, Dh]
+    want = apply_rope(x[None], cos, sin)[0]  # [heads, T, Dh]
+    findings = [f for f in [_compare(got, want, "rotated x")] if f]
+    if findings and np.shape(got) == want.shape:
+        half = x.shape[-1] // 2
+        c, s = (np.repeat(t[0, :, :half], 2, axis=-1) for t in (cos, sin))  # [T, Dh]: frequency i on (2i, 2i+1)
+        pairs = np.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+        if np.allclose(got, x * c + pairs * s):
+            findings.append("that is GPT-J's interleaved RoPE, pairs (2i, 2i+1); HF pairs dimension i with i + Dh/2")
+        elif np.allclose(got, x * cos[0] - np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin[0]):
+            findings.append("the rotation turns the wrong way: y_i = x_i cos - x_{i+Dh/2} sin")
+    return _verdict("my_rope", findings)
 
 
 def check_top_k_gates(my_top_k_gates):

@@ -23,9 +23,9 @@ from test_layout import forbidden_imports
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 sys.path.insert(0, NOTEBOOKS)  # exercises.py, figures.py and solutions/, as the notebooks import them
 import exercises  # noqa: E402
-from solutions import attention, backward, experts, model, rmsnorm, routing  # noqa: E402
+from solutions import attention, backward, experts, model, norm_and_rope, routing  # noqa: E402
 
-SOLUTIONS = {"my_rms_norm": rmsnorm.my_rms_norm, "my_top_k_gates": routing.my_top_k_gates,
+SOLUTIONS = {"my_rms_norm": norm_and_rope.my_rms_norm, "my_rope": norm_and_rope.my_rope, "my_top_k_gates": routing.my_top_k_gates,
              "my_dispatch": experts.my_dispatch, "my_attention_probs": attention.my_attention_probs,
              "my_causal_lm_loss": model.my_causal_lm_loss,
              "my_top_k_gates_backward": backward.my_top_k_gates_backward}
@@ -118,6 +118,13 @@ def layer_norm(x, weight, eps):
     return weight * centred / np.sqrt(np.mean(centred**2, axis=-1, keepdims=True) + eps)
 
 
+def interleaved_rope(x, positions, theta):
+    half = x.shape[-1] // 2
+    angles = np.repeat(positions[:, None] * theta ** (-2 * np.arange(half) / x.shape[-1]), 2, axis=-1)  # [T, Dh]
+    pairs = np.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+    return x * np.cos(angles) + pairs * np.sin(angles)
+
+
 def unstable_dispatch(top_k_indices, num_experts):
     sorted_slots, offsets = experts.my_dispatch(top_k_indices, num_experts)
     for e in range(num_experts):  # reverse each group: grouped by expert, slot order lost
@@ -131,6 +138,7 @@ def backward_everywhere(d_gates, top_k_gates, top_k_indices, num_experts):
 
 @pytest.mark.parametrize("grader, wrong, hint", [
     (exercises.check_rms_norm, layer_norm, "LayerNorm"),
+    (exercises.check_rope, interleaved_rope, "interleaved"),
     (exercises.check_top_k_gates, gates_over_all_experts, "softmax over all E"),
     (exercises.check_top_k_gates, ties_to_the_higher_id, "expert id order"),
     (exercises.check_dispatch, unstable_dispatch, "stable sort"),
