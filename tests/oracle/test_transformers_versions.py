@@ -110,8 +110,9 @@ def test_causal_lm_aux_loss(rng, seed, tmp_path):
 
 
 def test_restarting_position_ids(rng, seed, tmp_path):
-    # position_ids that restart inside a row, no mask, no cache: 5.x reads packed sequences (block-diagonal
-    # attention); 4.56.2 and the reference attend causally across the restart, with the positions as given.
+    # position_ids that restart inside a row, no mask, no cache (use_cache=False: by default 5.x makes a cache,
+    # and then does not pack): 5.x reads packed sequences (block-diagonal attention); 4.56.2 and the reference
+    # attend causally across the restart, with the positions as given.
     config = config_dict(rng)
     hf_oracle.save_checkpoint(config, tmp_path, seed)
     first, second = 5, 6
@@ -120,7 +121,8 @@ def test_restarting_position_ids(rng, seed, tmp_path):
     with hf_oracle.float64_precision(), torch.no_grad():
         model = hf_float64(tmp_path)
         packed = hf_oracle.to_numpy(model(input_ids=torch.from_numpy(ids),
-                                          position_ids=torch.from_numpy(positions)).logits)
+                                          position_ids=torch.from_numpy(positions),
+                                          use_cache=False).logits)
         alone = hf_oracle.to_numpy(model(input_ids=torch.from_numpy(ids[:, first:])).logits)
     ours = JetMoeForCausalLM.from_pretrained(tmp_path, dtype=np.float64)(ids, position_ids=positions).logits
     segment_equal = relative_error(packed[:, first:], alone) < FLOAT64_RTOL
