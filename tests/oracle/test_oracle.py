@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from oracle_env import require_oracle
+from oracle_env import is_latest, require_oracle
 
 torch, transformers = require_oracle()
 
@@ -249,9 +249,15 @@ def test_matches_hf(case):
         # float64 must always match: both sides are float64 throughout, so no routing tie is close enough to flip.
         hf64 = hf_oracle.run_checkpoint(model_dir, torch.float64, inputs)
         assert_matches(run_all(model_dir, np.float64, inputs), hf64, FLOAT64_RTOL, "float64")
-        ours, want = inferred_mask_generation(model_dir, inputs)
-        assert_matches({"generate_inferred_mask.tokens": ours}, {"generate_inferred_mask.tokens": want}, 0.0,
-                       "float64")
+        prompt = inputs["input_ids"][:, : int(inputs["prompt_length"])]
+        if is_latest() and (prompt == config["pad_token_id"]).any():
+            # 5.x's generate puts pads at position 0, 4.56.2's (and ours) at 1: a prompt ending in a pad then
+            # gives another first token (docs/transformers.md; test_transformers_versions asserts the positions)
+            event("5.x: inferred-mask generation not compared (a pad in the prompt)")
+        else:
+            ours, want = inferred_mask_generation(model_dir, inputs)
+            assert_matches({"generate_inferred_mask.tokens": ours}, {"generate_inferred_mask.tokens": want}, 0.0,
+                           "float64")
 
         # float32: HF and NumPy round differently (~1e-6 in router logits), so where a top-k routing choice (or a
         # greedy generation argmax) is within MIN_ROUTER_MARGIN of a tie, float32 may legitimately pick another

@@ -21,6 +21,7 @@ from transformers.models.jetmoe import modeling_jetmoe as hf  # noqa: E402
 from jetmoe import hf_oracle  # noqa: E402
 from jetmoe.hf_compat import rope_theta  # noqa: E402
 from reference import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
+from reference.generation import positions_from_mask  # noqa: E402
 from reference.losses import router_aux_loss  # noqa: E402
 
 pytestmark = pytest.mark.oracle
@@ -128,6 +129,28 @@ def test_restarting_position_ids(rng, seed, tmp_path):
     segment_equal = relative_error(packed[:, first:], alone) < FLOAT64_RTOL
     assert segment_equal == is_latest()
     assert (relative_error(ours, packed) < FLOAT64_RTOL) == (not is_latest())
+
+
+def test_generate_gives_pads_position(rng, seed, tmp_path):
+    # generate() derives position_ids from a left-padded mask as cumsum - 1; pads get 1 in 4.56.2 (and in the
+    # reference's positions_from_mask), 0 in 5.x. Real tokens' positions agree; a prompt ending in a pad differs.
+    config = config_dict(rng)
+    hf_oracle.save_checkpoint(config, tmp_path, seed)
+    model = hf_float64(tmp_path)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ids = np.where(mask == 1, rng.integers(3, config["vocab_size"], size=mask.shape), config["pad_token_id"])
+    seen = []
+    rotary = next(m for m in model.modules() if isinstance(m, hf.JetMoeRotaryEmbedding))  # [B|1, T] positions
+    hook = rotary.register_forward_hook(lambda module, args, out: seen.append(args[1].clone()))
+    with torch.no_grad():
+        model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=1,
+                       do_sample=False)
+    hook.remove()
+    positions = seen[0].expand(2, -1).numpy()
+    pad_position = 0 if is_latest() else 1
+    assert (positions[mask == 0] == pad_position).all()
+    ours = positions_from_mask(mask)
+    assert (ours[mask == 1] == positions[mask == 1]).all() and (ours[mask == 0] == 1).all()
 
 
 def test_default_dtype_of_a_bf16_checkpoint(rng, seed, tmp_path):
