@@ -1,6 +1,7 @@
 # JetMoE from scratch. Every target creates .venv on first use; nothing is installed by hand.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
+RUN     := .venv/.installed-run
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
@@ -18,13 +19,18 @@ export JETMOE_PROMPT = $(value PROMPT)
 
 # run (the main job): stream text from the bundled Shakespeare JetMoE with the NumPy reference, then print tokens/s
 # and the expert load per layer. PROMPT="JULIET:" make run to change the prompt.
-run: $(STAMP)
+run: $(RUN)
 	.venv/bin/jetmoe generate --model $(MODEL) --prompt "$$JETMOE_PROMPT" --max-new-tokens 200 --seed 0
 
-# setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
-setup: $(STAMP)
-$(STAMP): pyproject.toml
+# The run set: create .venv and install the package with what running needs (NumPy & co., no test tools).
+$(RUN): pyproject.toml
 	python3 -m venv .venv
+	$(PIP) install --quiet -e .
+	touch $(RUN)
+
+# setup: the run set plus the test extra (pytest, hypothesis, NVRTC; no torch), what `make test` needs.
+setup: $(STAMP)
+$(STAMP): $(RUN)
 	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
 
