@@ -30,7 +30,7 @@ $(RUN): pyproject.toml
 
 # setup: the run set plus the test extra (pytest, hypothesis, NVRTC; no torch), what `make test` needs.
 setup: $(STAMP)
-$(STAMP): $(RUN)
+$(STAMP): pyproject.toml | $(RUN)
 	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
 
