@@ -127,3 +127,31 @@ def test_no_history_outside_the_benchmark_log(path):
              for m in [*DATE.finditer(text), *COMMIT.finditer(text)]
              if not text[:m.start()].endswith("at commit ")]  # a pin of another project's source is no history
     assert not found, "dates and commit hashes go to docs/benchmarks.md:\n" + "\n".join(found)
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
+
+
+def broken_links(path, text):
+    """The relative link targets of a markdown file (path from the repo root) that name no file or folder."""
+    broken = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor in the same file
+            where = os.path.normpath(os.path.join(ROOT, os.path.dirname(path), target.split("#")[0]))
+            if not os.path.exists(where):
+                broken.append(f"{path}:{n}: {target}")
+    return broken
+
+
+@pytest.mark.parametrize("path", doc_files())
+def test_relative_links_name_files_that_exist(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        broken = broken_links(path, f.read())
+    assert not broken, "links to nothing:\n" + "\n".join(broken)
+
+
+def test_a_broken_link_is_found():
+    text = "[ok](docs/usage.md), [web](https://x.org/a), [gone](docs/nothing.md)\n"
+    assert broken_links("README.md", text) == ["README.md:1: docs/nothing.md"]
