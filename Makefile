@@ -1,6 +1,7 @@
 # JetMoE from scratch. Every target creates .venv on first use; nothing is installed by hand.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
+RUN     := .venv/.installed-run
 STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
@@ -18,13 +19,18 @@ export JETMOE_PROMPT = $(value PROMPT)
 
 # run (the main job): stream text from the bundled Shakespeare JetMoE with the NumPy reference, then print tokens/s
 # and the expert load per layer. PROMPT="JULIET:" make run to change the prompt.
-run: $(STAMP)
+run: $(RUN)
 	.venv/bin/jetmoe generate --model $(MODEL) --prompt "$$JETMOE_PROMPT" --max-new-tokens 200 --seed 0
 
-# setup: create .venv and install the package with its test dependencies (NumPy only, no torch).
-setup: $(STAMP)
-$(STAMP): pyproject.toml
+# The run set: create .venv and install the package with what running needs (NumPy & co., no test tools).
+$(RUN): pyproject.toml
 	python3 -m venv .venv
+	$(PIP) install --quiet -e .
+	touch $(RUN)
+
+# setup: the run set plus the test extra (pytest, hypothesis, NVRTC; no torch), what `make test` needs.
+setup: $(STAMP)
+$(STAMP): pyproject.toml | $(RUN)
 	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -84,16 +90,16 @@ corpus: $(STAMP)
 	$(PY) -m jetmoe.corpus
 
 # train-tiny: rebuild weights/jetmoe-tiny-shakespeare from scratch in pure NumPy (make corpus, BPE tokenizer, then
-# jetmoe train on configs/jetmoe-tiny-shakespeare.json: the reference's backward and AdamW; 66 minutes on the 2-core
-# project machine in the 2026-12-02 run the model card reports), then measure it and write its card. The committed
-# weights are this target's (validation perplexity 37.64, torch's 37.77). Checkpoints go to weights/jetmoe-tiny-shakespeare/checkpoints/
-# (git-ignored); Ctrl-C writes one, and `jetmoe train --resume DIR --out $(MODEL)` continues.
+# jetmoe train on configs/jetmoe-tiny-shakespeare.json: the reference's backward and AdamW; about an hour on 2 cores,
+# docs/benchmarks.md), then measure it and write its card. The committed weights are this target's. Checkpoints go to
+# weights/jetmoe-tiny-shakespeare/checkpoints/ (git-ignored); Ctrl-C writes one, and `jetmoe train --resume DIR
+# --out $(MODEL)` continues.
 train-tiny: corpus
 	.venv/bin/jetmoe train --config configs/jetmoe-tiny-shakespeare.json --out $(MODEL)
 	$(PY) scripts/model_card.py
 
-# train-tiny-torch: the same recipe on HF's JetMoeForCausalLM with torch autograd (scripts/train_tiny_torch.py,
-# 46 minutes in the 2026-12-02 run) into build/train/tiny-torch: the baseline the model card compares the NumPy-trained model with.
+# train-tiny-torch: the same recipe on HF's JetMoeForCausalLM with torch autograd (scripts/train_tiny_torch.py)
+# into build/train/tiny-torch: the baseline the model card compares the NumPy-trained model with.
 train-tiny-torch: corpus $(ORACLE)
 	$(PY) scripts/train_tiny_torch.py
 

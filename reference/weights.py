@@ -59,7 +59,7 @@ def _openblas():
 
 _blas = _openblas()
 # Blocks run on our threads only where each can call BLAS single-threaded: else OpenBLAS's own threads and ours
-# fight over the cores (measured on 2 cores: a 3-token prefill of a 1-layer 8B cut, 4.6 s against 0.29 s).
+# fight over the cores (on 2 cores a 3-token prefill of a 1-layer 8B cut took 16x longer: docs/benchmarks.md).
 _pool = ThreadPoolExecutor(THREADS - 1) if THREADS > 1 and _blas is not None else None
 # A second pool for map_threads, so a shard's own block products (on _pool) never wait on the shards themselves.
 _shard_pool = ThreadPoolExecutor(THREADS) if _pool is not None else None
@@ -90,8 +90,7 @@ def convert(src, out):
     # src: [...] in the file's dtype, out: [...] float32 or float64 -> out
     # bf16 is the upper half of a float32, so bf16 -> float32 is a 16-bit shift: widened to uint32 into the
     # preallocated buffer, then shifted in place. Exact, and faster than ml_dtypes' astype or a widening shift in
-    # one ufunc, which NumPy runs through a buffered cast (1 thread, 2 MiB blocks from memory, 2026-12-03:
-    # 10.9 against 5.8 GB/s of bf16 for the one-ufunc shift; make bench-8b prints this rate on two threads).
+    # one ufunc, which NumPy runs through a buffered cast (docs/benchmarks.md; make bench-8b prints this rate).
     if src.dtype == BF16 and out.dtype == np.float32:
         bits = out.view(np.uint32)
         np.copyto(bits, src.view(np.uint16), casting="safe")
@@ -118,8 +117,8 @@ def converted(src, dtype):
     # valid until this thread converts again. A bf16 -> float32 buffer is one float32 longer than its contents and
     # takes a single widening cast: each bf16, widened to a uint32 and written 2 bytes into the buffer, puts its
     # 16 bits in the upper half of float32 i and its 16 zeros in the lower half of float32 i+1 (little-endian).
-    # The first lower half is zero since allocation, so every float32 is exact. 26.5 against 17.7 GB/s of bf16 for
-    # convert's cast-then-shift (2 threads, 2 MiB blocks from memory, 2026-12-03; make bench-8b prints it).
+    # The first lower half is zero since allocation, so every float32 is exact, and it is faster than convert's
+    # cast-then-shift (docs/benchmarks.md; make bench-8b prints both rates).
     count = src.size
     key = f"{np.dtype(dtype).str}-from-{src.dtype.str}"
     buf = getattr(_buffers, key, None)
@@ -188,9 +187,8 @@ def linear(x, weight):
         w = rows_of(weight, start, end)  # [end - start, in]
         if len(x2d) == 1:
             np.matmul(x2d, w.T, out=out2d[:, start:end])
-        else:  # out^T = W x^T: for 2-16 rows OpenBLAS runs it 2-4x faster than x W^T (1 thread, [512, 2048]
-            # float32 in cache, 2026-12-03: 218-525 against 743-1009 us). Not out= a transposed view: that is
-            # NumPy's own loop, not BLAS.
+        else:  # out^T = W x^T: for 2-16 rows OpenBLAS runs it 2-4x faster than x W^T (docs/benchmarks.md).
+            # Not out= a transposed view: that is NumPy's own loop, not BLAS.
             out2d[:, start:end] = (w @ x2d.T).T
 
     block = max(BLOCK_ROWS, DECODE_BLOCK_BYTES // (cols * weight.dtype.itemsize) // BLOCK_ROWS * BLOCK_ROWS)
