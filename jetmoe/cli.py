@@ -12,7 +12,6 @@ of a traceback.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from reference import CheckpointError, JetMoeForCausalLM
+from reference import CheckpointError, JetMoeForCausalLM, files
 from reference.tokenizer import Tokenizer, TokenizerError
 
 # What a user can get wrong: a path or file (FileNotFoundError, CheckpointError, TokenizerError), text that is not
@@ -56,16 +55,16 @@ def load(model_dir, dtype):
 def training_context(model_dir):
     """Tokens per training window, from the train_log.json our training scripts write beside the weights; None
     when the directory has none (a hub checkpoint). A bad file is reported, not guessed around."""
-    path = os.path.join(model_dir, "train_log.json")
-    if not os.path.isfile(path):
+    path = files.inside(model_dir, "train_log.json")
+    if not files.present(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            tokens = json.load(f)["train"]["tokens"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a training log with train.tokens: {error}") from None
+    log = files.read_json_object(path, "train_log")
+    train = log.get("train")
+    tokens = train.get("tokens") if isinstance(train, dict) else None
+    if tokens is None:
+        raise ValueError(f"{path} is not a training log with train.tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
-        raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {tokens!r}")
+        raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {files.shown(tokens)}")
     return tokens
 
 

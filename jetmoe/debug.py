@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reference import files
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
@@ -78,8 +79,7 @@ def prefix(step):
 
 def config_sha256(model_dir):
     """sha256 of the config.json bytes: a dump records which model it came from (`sha256sum config.json`)."""
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(files.read_bytes(files.inside(model_dir, "config.json"), "config")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- the sides
