@@ -37,9 +37,10 @@ def add_model_arguments(parser):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
 
 
-def load(model_dir, dtype):
+def load(model_dir, dtype, finite=True):
     """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file. Converting
-    the weights at load shows a progress bar when it takes more than a second."""
+    the weights at load shows a progress bar when it takes more than a second. finite=False keeps weights that
+    hold NaN or inf (debug dump writes what such a model computes)."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -47,7 +48,7 @@ def load(model_dir, dtype):
         def progress(done, total, unit):
             bar.total = total
             bar.update(done - bar.n)
-        model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress)
+        model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress, finite=finite)
     tokenizer.check_fits(model.config.vocab_size, f"{model_dir}/tokenizer.json")
     return model, tokenizer
 

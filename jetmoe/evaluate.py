@@ -15,7 +15,7 @@ import os
 
 from reference.losses import mean_loss
 
-from . import cli
+from . import cli, finite
 
 
 def read_text(path):
@@ -62,6 +62,7 @@ def main(args):
         raise ValueError(f"--context {context} is longer than max_position_embeddings={limit} of {args.model}")
     ids = tokenizer.encode(text)
     loss, count = mean_loss(model, ids, context, args.batch)
+    finite.check_loss(loss, model, ids, context)
     print(f"tokens:     {count} predicted ({len(ids)} in windows of up to {context})")
     print(f"loss:       {loss:.4f} nats/token")
     print(f"perplexity: {math.exp(loss):.2f}")

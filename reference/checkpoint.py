@@ -38,11 +38,14 @@ class Pretrained:
     head = "base"
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None):
+    def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None, finite=True):
         """max_memory: bytes the converted weights may take (default: reference.weights.MEMORY_FRACTION of the
-        available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion."""
+        available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion.
+        finite: refuse weights holding NaN or inf (check_finite); False loads them as they are."""
         config = JetMoeConfig.from_pretrained(path)
         base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, dtype, max_memory, progress)
+        if finite:
+            check_finite({**base, **head})
         return cls(config, base, head)
 
     @classmethod
@@ -300,6 +303,27 @@ def select_tensors(tensors, config, head, dtype, max_memory=None, progress=None)
     head_names = set(head_parameter_shapes(config, head))
     base = {n: t for n, t in converted.items() if n not in head_names}
     return base, {n: t for n, t in converted.items() if n in head_names}
+
+
+def first_non_finite(array, block=1 << 20):
+    # array: [...] floating -> the index (a tuple) of its first NaN or inf in C order, or None; read `block`
+    # elements at a time, so no mask as large as the array is made
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, block):
+        part = np.isfinite(flat[start:start + block])
+        if not part.all():
+            return tuple(int(i) for i in np.unravel_index(start + int(np.argmin(part)), array.shape))
+    return None
+
+
+def check_finite(tensors):
+    """CheckpointError naming the first tensor (and index) holding NaN or inf: a model computing with it would
+    give NaN text or loss without a word. One pass over each tensor in memory, once, at load; a MappedWeight
+    (left in the file) is not read here: the tools check the logits it reaches (jetmoe/finite.py)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, np.ndarray) and (where := first_non_finite(tensor)) is not None:
+            raise CheckpointError(f"tensor {name!r} holds {tensor[where]} at index {list(where)}: a checkpoint's "
+                                  "weights must be finite")
 
 
 def is_small(name, tensor):
