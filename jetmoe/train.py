@@ -39,15 +39,14 @@ import tokenizers
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
+from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, files, value_and_grad
 from reference.checkpoint import write_checkpoint
-from reference import files
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
 from reference.tokenizer import Tokenizer
 from reference.weights import THREADS
 
-from . import cli, corpus, plots
+from . import cli, corpus
 
 # The recipe of the bundled model (configs/jetmoe-tiny-shakespeare.json), each key's default.
 RECIPE = dict(
@@ -365,6 +364,7 @@ def save_model(run, out_dir, load):
 
 
 def write_log(run, out_dir, load):
+    from . import plots  # matplotlib: imported by the runs that draw, not by every `jetmoe` command
     with open(os.path.join(out_dir, "train_log.json"), "w", encoding="utf-8") as f:
         json.dump(run.log, f)
     if run.log["steps"]:

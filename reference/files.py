@@ -73,6 +73,8 @@ def open_file(path, kind):
         f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise FileError(f"{path} is a directory, not a regular file") from None
     except OSError as error:
         raise FileError(f"{path} cannot be opened: {error.strerror}") from None
     info = os.fstat(f.fileno())  # the file opened, not the name: it cannot be swapped after the check

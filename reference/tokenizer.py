@@ -84,7 +84,7 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for every parse or schema error
             raise TokenizerError(f"{tokenizer_path} is not a valid tokenizer.json ({files.shown(str(e))})") from None
         try:
-            config = JetMoeConfig.from_pretrained(config_path)
+            config = JetMoeConfig.from_pretrained(model_dir)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot read the bos/eos/pad token ids from {config_path}: {e}") from None
         add_bos_token = _read_add_bos_token(options_path)
