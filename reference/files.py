@@ -20,7 +20,7 @@ MiB = 1 << 20
 # 33 MB), far below what would exhaust memory. "header" is a safetensors header, capped as the safetensors library
 # caps it (MAX_HEADER_SIZE = 100,000,000 bytes).
 LIMITS = {"config": 4 * MiB, "index": 64 * MiB, "tokenizer": 64 * MiB, "tokenizer_config": 16 * MiB,
-          "train_log": 64 * MiB, "header": 100_000_000}
+          "train_log": 64 * MiB, "header": 100_000_000, "text": 1 << 30}  # text: evaluate's --text-file
 MAX_JSON_DEPTH = 64  # nesting of objects and lists; config.json needs 3, a tokenizer.json 5
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
@@ -91,11 +91,13 @@ def open_file(path, kind):
 
 
 def read_bytes(path, kind):
-    """The bytes of the regular file at path, at most LIMITS[kind] of them (a file growing while read is refused)."""
+    """The bytes of the regular file at path, at most LIMITS[kind] of them; a file that grows while read is refused
+    (its size, checked against the cap, is what is read: no cap-sized buffer is allocated)."""
     with open_file(path, kind) as f:
-        data = f.read(LIMITS[kind] + 1)
-    if len(data) > LIMITS[kind]:
-        raise FileError(f"{path} grew past the {LIMITS[kind]:,}-byte cap while it was read")
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise FileError(f"{path} changed size while it was read")
     return data
 
 

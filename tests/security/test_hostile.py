@@ -322,6 +322,8 @@ CASES = {
     "fifo-tokenizer": (fifo("tokenizer.json"), r"tokenizer.json is a FIFO"),
     "fifo-tokenizer-config": (fifo("tokenizer_config.json"), r"tokenizer_config.json is a FIFO"),
     "fifo-train-log": (fifo("train_log.json", evaluate), r"train_log.json is a FIFO"),
+    "fifo-text-file": (lambda m, r: (os.mkfifo(m / "text.fifo"),
+                                     evaluate(m)[:-1] + [str(m / "text.fifo")])[-1], r"text.fifo is a FIFO"),
     "fifo-config-compare": (fifo("config.json", compare), r"config.json is a FIFO"),
     "directory-config": (lambda m, r: (os.remove(m / "config.json"), os.mkdir(m / "config.json"),
                                        generate(m))[-1], r"config.json is a directory"),
