@@ -37,12 +37,15 @@ def shown(value, depth=0):
     error line (reprlib would sort a dict's keys; this keeps the file's order)."""
     if isinstance(value, str):
         return repr(value[:SHOWN]) + (f"... ({len(value):,} characters)" if len(value) > SHOWN else "")
-    if isinstance(value, dict):
-        items = [f"{shown(k)}: {shown(v, depth + 1)}" for k, v in itertools.islice(value.items(), SHOWN_ITEMS)]
-        return "{...}" if depth >= 3 else "{" + ", ".join(items) + (", ..." if len(value) > SHOWN_ITEMS else "") + "}"
-    if isinstance(value, (list, tuple)):
-        items = [shown(v, depth + 1) for v in itertools.islice(value, SHOWN_ITEMS)]
-        return "[...]" if depth >= 3 else "[" + ", ".join(items) + (", ..." if len(value) > SHOWN_ITEMS else "") + "]"
+    if isinstance(value, (dict, list, tuple)):
+        is_dict = isinstance(value, dict)
+        if depth >= 3:  # checked before looking inside: a deep value costs no more than a shallow one
+            return "{...}" if is_dict else "[...]"
+        first = list(itertools.islice(value.items() if is_dict else value, SHOWN_ITEMS))
+        items = ([f"{shown(k)}: {shown(v, depth + 1)}" for k, v in first] if is_dict
+                 else [shown(v, depth + 1) for v in first])
+        more = ", ..." if len(value) > SHOWN_ITEMS else ""
+        return ("{%s%s}" if is_dict else "[%s%s]") % (", ".join(items), more)
     text = repr(value)
     return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 

@@ -416,6 +416,8 @@ CASES = {
     "config-layers-10^9": (config_values(num_hidden_layers=10**9), r"num_hidden_layers=1000000000 is over 65536"),
     "config-size-string": (config_values(hidden_size="16"), r"hidden_size must be a positive integer, got '16'"),
     "config-list": (config_text("[1, 2]"), r"config.json must hold a JSON object, got list"),
+    "config-wide-deep-value": (config_values(rope_scaling={"type": "yarn", "x": json.loads(
+        "[" * 60 + ",".join(["0"] * 100_000) + "]" * 60)}), r"rope_scaling=\{'type': 'yarn', 'x': \[\[\[\.\.\.\]\]\]\}"),
     "train-log-tokens-string": (lambda m, r: ((m / "train_log.json").write_text('{"train": {"tokens": "8"}}'),
                                               evaluate(m))[-1], r"train.tokens must be an integer >= 2, got '8'"),
     # ---- non-finite numbers: refused at load, or named where they first appear
