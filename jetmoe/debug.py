@@ -363,7 +363,8 @@ def run_compare(args):
     config = JetMoeConfig.from_pretrained(args.model)
     for side in (a, b):  # a trace file is untrusted: checked against the model before any work
         if side.kind == "file":
-            tracing.check_trace_file(side.trace, side.metadata, config, side.label)
+            tracing.check_trace_file(side.trace, side.metadata, config, side.label,
+                                     np.dtype(cli.DTYPES[args.dtype]).itemsize)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
     if args.plot:

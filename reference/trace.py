@@ -150,11 +150,12 @@ TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compa
 MAX_POSITION = 2**31 - 1
 
 
-def check_trace_file(trace, metadata, config, label, available=None):
+def check_trace_file(trace, metadata, config, label, itemsize=8, available=None):
     """ValueError, before any work, where a trace file (a Trace and its metadata) does not fit the model `config`:
     float tensors other than bfloat16/float32/float64, inputs.* that are not [B, T] integers of the right shapes,
     token ids outside the vocabulary, more tokens than max_position_embeddings, routing indices outside [0, E), or
-    a forward whose activations would not fit `available` bytes (default: the memory available now)."""
+    a forward whose activations, `itemsize` bytes a number, would not fit `available` bytes (default: the memory
+    available now)."""
     dtype = metadata.get("dtype")
     if dtype is not None and dtype not in TRACE_FLOATS:
         raise ValueError(f"{label}: its metadata says dtype {shown(dtype)}; a trace is compared in "
@@ -163,8 +164,8 @@ def check_trace_file(trace, metadata, config, label, available=None):
         kind = np.dtype(value.dtype)
         if kind.kind == "f" or kind == BF16:
             if kind.name not in TRACE_FLOATS:
-                raise ValueError(f"{label}: tensor {shown(name)} is {kind.name}; a trace holds {', '.join(TRACE_FLOATS)} "
-                                 "floats (cast it to float32)")
+                raise ValueError(f"{label}: tensor {shown(name)} is {kind.name}; a trace holds "
+                                 f"{', '.join(TRACE_FLOATS)} floats (cast it to float32)")
         elif kind.kind not in "iub":
             raise ValueError(f"{label}: tensor {shown(name)} has dtype {kind.name}, neither float nor integer")
         if name.endswith("router.top_k_indices"):
@@ -192,20 +193,20 @@ def check_trace_file(trace, metadata, config, label, available=None):
     if tokens > config.max_position_embeddings:
         raise ValueError(f"{label} runs on {tokens} tokens, more than max_position_embeddings="
                          f"{config.max_position_embeddings} of the model")
-    needed = activation_bytes(config, batch or 0, tokens)
+    needed = activation_bytes(config, batch or 0, tokens, itemsize)
     available = available if available is not None else available_memory()
     if available is not None and needed > available:
         raise ValueError(f"{label}: a trace of its {batch} x {tokens} tokens needs about {needed / 2**30:.1f} GiB of "
                          f"activations, more than the {available / 2**30:.1f} GiB available")
 
 
-def activation_bytes(config, batch, tokens):
-    """A bound on the bytes a captured float64 forward over [batch, tokens] keeps: per layer the attention probs
-    [B, K*H, T, T], a dozen [B, T, D] tensors and the experts' [N, K, 2F]; then the logits [B, T, V]."""
+def activation_bytes(config, batch, tokens, itemsize):
+    """A bound on the bytes a captured forward over [batch, tokens] keeps, `itemsize` bytes a number: per layer the
+    attention probs [B, K*H, T, T], a dozen [B, T, D] tensors and the experts' [N, K, 3F]; then the logits [B, T, V]."""
     K, H, D, F = (config.num_experts_per_tok, config.num_key_value_heads, config.hidden_size,
                   config.intermediate_size)
     per_layer = batch * tokens * (K * H * tokens + 12 * D + 3 * K * F + 2 * config.num_local_experts)
-    return 8 * (config.num_hidden_layers * per_layer + batch * tokens * config.vocab_size)
+    return itemsize * (config.num_hidden_layers * per_layer + batch * tokens * config.vocab_size)
 
 
 def _check_ids(label, name, value, high, ndim):

@@ -417,7 +417,8 @@ CASES = {
     "config-size-string": (config_values(hidden_size="16"), r"hidden_size must be a positive integer, got '16'"),
     "config-list": (config_text("[1, 2]"), r"config.json must hold a JSON object, got list"),
     "config-wide-deep-value": (config_values(rope_scaling={"type": "yarn", "x": json.loads(
-        "[" * 60 + ",".join(["0"] * 100_000) + "]" * 60)}), r"rope_scaling=\{'type': 'yarn', 'x': \[\[\[\.\.\.\]\]\]\}"),
+        "[" * 60 + ",".join(["0"] * 100_000) + "]" * 60)}),
+        r"rope_scaling=\{'type': 'yarn', 'x': \[\[\[\.\.\.\]\]\]\}"),
     "train-log-tokens-string": (lambda m, r: ((m / "train_log.json").write_text('{"train": {"tokens": "8"}}'),
                                               evaluate(m))[-1], r"train.tokens must be an integer >= 2, got '8'"),
     # ---- non-finite numbers: refused at load, or named where they first appear
@@ -458,9 +459,9 @@ CASES = {
         "layers.1.attention.router.top_k_indices"].astype(np.float32)), flags=("--isolate",)),
         r"top_k_indices must be a 2-D integer tensor"),
     "trace-20000-tokens": (huge_trace, r"runs on 20000 tokens, more than max_position_embeddings=64"),
-    "trace-overlap": (raw_trace(lambda p: raw_safetensors(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                                                          bytes(12))), r"without overlap"),
+    "trace-overlap": (raw_trace(lambda p: raw_safetensors(p, {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))), r"without overlap"),
     "trace-big-header": (raw_trace(lambda p: sparse(p, 300_000_000, struct.pack("<Q", 250_000_000))),
                          r"over the 100,000,000-byte cap"),
     "trace-truncated": (raw_trace(lambda p: open(p, "wb").write(b"\x01\x02")), r"truncated safetensors file"),
@@ -504,3 +505,15 @@ def test_hostile_input(case, results):
     assert len(lines) == 1 and lines[0].startswith("error: "), err  # one line: no echo of a huge value
     assert len(lines[0]) < 600, lines[0][:600]
     assert re.search(expected, lines[0]), lines[0]
+
+
+def test_a_trace_whose_activations_would_not_fit_is_refused(base):
+    # The memory bound of check_trace_file, in-process with a small `available` (a subprocess would need a trace
+    # larger than this machine's memory): the valid trace (some 40 KB of activations) fits the real memory, not 1 KiB.
+    from reference.trace import check_trace_file
+    trace, metadata = load_with_metadata(str(base / "trace.safetensors"))
+    config = JetMoeConfig.from_pretrained(str(base / "base"))
+    check_trace_file(trace, metadata, config, "trace", 4)  # control
+    with pytest.raises(ValueError, match=r"trace: a trace of its 1 x \d+ tokens needs about 0.0 GiB of activations, "
+                                         r"more than the 0.0 GiB available"):
+        check_trace_file(trace, metadata, config, "trace", 4, available=1 << 10)
