@@ -12,7 +12,6 @@ of a traceback.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from reference import CheckpointError, JetMoeForCausalLM
+from reference import CheckpointError, JetMoeForCausalLM, files
 from reference.tokenizer import Tokenizer, TokenizerError
 
 # What a user can get wrong: a path or file (FileNotFoundError, CheckpointError, TokenizerError), text that is not
@@ -38,9 +37,10 @@ def add_model_arguments(parser):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
 
 
-def load(model_dir, dtype):
+def load(model_dir, dtype, finite=True):
     """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file. Converting
-    the weights at load shows a progress bar when it takes more than a second."""
+    the weights at load shows a progress bar when it takes more than a second. finite=False keeps weights that
+    hold NaN or inf (debug dump writes what such a model computes)."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -48,7 +48,7 @@ def load(model_dir, dtype):
         def progress(done, total, unit):
             bar.total = total
             bar.update(done - bar.n)
-        model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress)
+        model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress, finite=finite)
     tokenizer.check_fits(model.config.vocab_size, f"{model_dir}/tokenizer.json")
     return model, tokenizer
 
@@ -56,16 +56,16 @@ def load(model_dir, dtype):
 def training_context(model_dir):
     """Tokens per training window, from the train_log.json our training scripts write beside the weights; None
     when the directory has none (a hub checkpoint). A bad file is reported, not guessed around."""
-    path = os.path.join(model_dir, "train_log.json")
-    if not os.path.isfile(path):
+    path = files.inside(model_dir, "train_log.json")
+    if not files.present(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            tokens = json.load(f)["train"]["tokens"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a training log with train.tokens: {error}") from None
+    log = files.read_json_object(path, "train_log")
+    train = log.get("train")
+    tokens = train.get("tokens") if isinstance(train, dict) else None
+    if tokens is None:
+        raise ValueError(f"{path} is not a training log with train.tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
-        raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {tokens!r}")
+        raise ValueError(f"{path}: train.tokens must be an integer >= 2, got {files.shown(tokens)}")
     return tokens
 
 
@@ -167,8 +167,9 @@ def main(argv=None):
     """Runs one tool; a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1, Ctrl-C exit
     status 130 (`jetmoe train` catches the first Ctrl-C itself to write a checkpoint)."""
     args = parser().parse_args(argv)
-    try:
-        return args.run(args)
+    try:  # NaN and inf are checked where they matter (jetmoe/finite.py names the trace point): no per-op warnings
+        with np.errstate(all="ignore"):
+            return args.run(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -30,15 +30,17 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from reference import JetMoeConfig, files
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
-from . import cli
+from . import cli, finite
 
 LIVE = ("ref", "hf", "gpu")
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -78,8 +80,7 @@ def prefix(step):
 
 def config_sha256(model_dir):
     """sha256 of the config.json bytes: a dump records which model it came from (`sha256sum config.json`)."""
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(files.read_bytes(files.inside(model_dir, "config.json"), "config")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- the sides
@@ -93,11 +94,11 @@ def parse_side(spec, ref_dtype):
         if dtype not in allowed:
             raise ValueError(f"{spec!r}: the dtype must be one of {', '.join(allowed)}")
         return Side(spec, kind, dtype)
-    if not os.path.isfile(spec):
+    if not os.path.lexists(spec):
         raise FileNotFoundError(f"{spec!r} is neither ref, hf, gpu nor an existing .safetensors trace file")
     try:
         saved, metadata = tracing.load_with_metadata(spec)
-    except Exception as error:  # safetensors raises its own error types for a corrupt file
+    except ValueError as error:  # reference/checkpoint.py's CheckpointError, reference/files.py's FileError
         raise ValueError(f"{spec} is not a readable safetensors trace: {error}") from None
     return Side(spec, "file", metadata.get("dtype") or file_dtype(saved), saved, metadata)
 
@@ -359,6 +360,11 @@ def writable(path, what):
 
 def run_compare(args):
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
+    config = JetMoeConfig.from_pretrained(args.model)
+    for side in (a, b):  # a trace file is untrusted: checked against the model before any work
+        if side.kind == "file":
+            tracing.check_trace_file(side.trace, side.metadata, config, side.label,
+                                     np.dtype(cli.DTYPES[args.dtype]).itemsize)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
     if args.plot:
@@ -386,6 +392,7 @@ def run_compare(args):
     for side in (a, b):
         if side.kind != "file" and not (args.isolate and side is reference_side):
             side.trace = live_trace(side, model, args.model, forwards)
+            finite.check_trace(side.trace, side.label)
     if args.isolate:
         reference_side.trace = isolated_trace(model, forwards, subject.trace)
     dtype = min((a.dtype, b.dtype), key=PRECISION.index)
@@ -433,11 +440,18 @@ def run_compare(args):
 
 def run_dump(args):
     writable(args.out, "trace")
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, finite=False)  # a NaN is written as it is, and said
     cli.check_prompts(args.prompt)
     ids, mask = tokenizer.encode_batch(args.prompt)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
-    with TraceWriter(args.out, metadata) as writer, handling(writer):
+    non_finite = []
+
+    def note_non_finite(name, value, frame):
+        if not non_finite and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            non_finite.append(name)
+        return value
+
+    with TraceWriter(args.out, metadata) as writer, handling(writer), handling(note_non_finite):
         if args.max_new_tokens > 1:  # 1: the prefill alone, written as one forward with every logit
             generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
         else:
@@ -445,6 +459,10 @@ def run_dump(args):
     steps = max(args.max_new_tokens - 1, 0)
     print(f"wrote {len(writer)} tensors of input_ids {ids.shape}{f' and {steps} decode steps' if steps else ''}"
           f" to {args.out}")
+    if non_finite:
+        print(f"warning: the trace holds NaN or inf, written as computed; the first is at trace point "
+              f"{non_finite[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

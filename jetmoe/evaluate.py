@@ -13,22 +13,20 @@ import argparse
 import math
 import os
 
+from reference import files
 from reference.losses import mean_loss
 
-from . import cli
+from . import cli, finite
 
 
 def read_text(path):
+    """The UTF-8 text of --text-file: a regular file (a FIFO is refused, not waited on), at most
+    reference.files.LIMITS["text"] bytes."""
     if os.path.isdir(path):
         raise ValueError(f"--text-file {path!r} is a directory: give a UTF-8 text file")
-    if not os.path.isfile(path):
+    if not files.present(path):
         raise FileNotFoundError(f"text file {path!r} does not exist")
-    data = open(path, "rb").read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
-                         f"({error.reason})") from None
+    return files.read_text(path, "text")
 
 
 def context_length(text):
@@ -62,6 +60,7 @@ def main(args):
         raise ValueError(f"--context {context} is longer than max_position_embeddings={limit} of {args.model}")
     ids = tokenizer.encode(text)
     loss, count = mean_loss(model, ids, context, args.batch)
+    finite.check_loss(loss, model, ids, context)
     print(f"tokens:     {count} predicted ({len(ids)} in windows of up to {context})")
     print(f"loss:       {loss:.4f} nats/token")
     print(f"perplexity: {math.exp(loss):.2f}")

@@ -17,7 +17,7 @@ import numpy as np
 from reference.generation import positions_from_mask
 from reference.routing import expert_load, format_expert_load
 
-from . import cli
+from . import cli, finite
 
 
 def add_arguments(parser):
@@ -75,7 +75,8 @@ def main(args):
     started = time.perf_counter()
     with cli.PeakMemory() as peak:
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                streamer=print_new_text if streaming else None, **sampling)
+                                streamer=print_new_text if streaming else None, stepper=finite.checked_stepper,
+                                **sampling)
     seconds = time.perf_counter() - started
     new = tokens[:, ids.shape[1]:]  # [B, new]
     lengths = np.array([generated_length(row, config) for row in new])  # [B]: the pads after an eos excluded

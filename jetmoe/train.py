@@ -39,15 +39,14 @@ import tokenizers
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
+from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, files, value_and_grad
 from reference.checkpoint import write_checkpoint
-from reference.config import directory_file, read_small_text
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
 from reference.tokenizer import Tokenizer
 from reference.weights import THREADS
 
-from . import cli, corpus, plots
+from . import cli, corpus
 
 # The recipe of the bundled model (configs/jetmoe-tiny-shakespeare.json), each key's default.
 RECIPE = dict(
@@ -109,24 +108,21 @@ def check_recipe(values, source):
     return recipe
 
 
-def read_text(path, missing):
-    """The UTF-8 text of path (at most reference.config.MAX_JSON_BYTES); FileNotFoundError(missing) where there
-    is no file."""
-    if not os.path.isfile(path):
+def read_text(path, missing, kind):
+    """The UTF-8 text of path, read through reference/files.py's guards (a regular file within the size cap of
+    `kind`); FileNotFoundError(missing) where there is no file."""
+    if not files.present(path):
         raise FileNotFoundError(missing)
-    return read_small_text(path)
+    return files.read_text(path, kind)
 
 
-def read_json(path, what):
-    try:
-        return json.loads(read_text(path, f"{what} {path!r} does not exist"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+def read_json(path, what, kind):
+    return files.parse_json(read_text(path, f"{what} {path!r} does not exist", kind), path)
 
 
 def read_config(path):
     """-> (JetMoeConfig, recipe) from a training config file (module docstring)."""
-    values = read_json(path, "config file")
+    values = read_json(path, "config file", "config")
     if not isinstance(values, dict) or "model" not in values or not isinstance(values["model"], dict):
         raise ValueError(f'{path}: expected an object with a "model" object (JetMoeConfig keys) and a "train" object')
     unknown = sorted(set(values) - {"model", "train"})
@@ -203,7 +199,8 @@ def start(args):
         recipe["steps"] = args.steps
     train_works, validation_works = corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus)
     if args.tokenizer:
-        tokenizer_json = read_text(args.tokenizer, f"tokenizer file {args.tokenizer!r} does not exist")
+        tokenizer_json = read_text(args.tokenizer, f"tokenizer file {args.tokenizer!r} does not exist",
+                                   "tokenizer")
     else:
         wrong = {k: getattr(config, k) for k, v in corpus.SPECIAL_IDS.items() if getattr(config, k) != v}
         if wrong:
@@ -238,9 +235,9 @@ def resume(args):
     path = args.resume
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    state_path, tokenizer_path, optimizer_path = (directory_file(path, name) for name in (
+    state_path, tokenizer_path, optimizer_path = (files.inside(path, name) for name in (
         TRAINER_STATE, "tokenizer.json", OPTIMIZER_STATE))  # a checkpoint is untrusted: nothing outside it is read
-    state = read_json(state_path, "trainer state")
+    state = read_json(state_path, "trainer state", "train_log")
     if not isinstance(state, dict) or not {"step", "recipe", "rng", "log"} <= set(state):
         raise ValueError(f"{path}/{TRAINER_STATE} must hold step, recipe, rng and log")
     recipe = check_recipe(state["recipe"], f"{path}/{TRAINER_STATE}")
@@ -257,7 +254,7 @@ def resume(args):
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"{path}/{TRAINER_STATE}: rng is not a NumPy PCG64 state: {error}") from None
     model = JetMoeForCausalLM.from_pretrained(path, dtype=np.float32)
-    tokenizer_json = read_text(tokenizer_path, f"no tokenizer.json in checkpoint {path!r}")
+    tokenizer_json = read_text(tokenizer_path, f"no tokenizer.json in checkpoint {path!r}", "tokenizer")
     train_ids, validation_ids = token_streams(tokenizer_json, model.config,
                                               *corpus.split_corpus(corpus.fetch_corpus(args.corpus), args.corpus))
     digest = streams_sha256(train_ids, validation_ids)
@@ -367,6 +364,7 @@ def save_model(run, out_dir, load):
 
 
 def write_log(run, out_dir, load):
+    from . import plots  # matplotlib: imported by the runs that draw, not by every `jetmoe` command
     with open(os.path.join(out_dir, "train_log.json"), "w", encoding="utf-8") as f:
         json.dump(run.log, f)
     if run.log["steps"]:

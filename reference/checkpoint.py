@@ -7,7 +7,6 @@ is a read-only view of the file, never a copy. BF16 is read through ml_dtypes. E
 Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
-import json
 import math
 import os
 import struct
@@ -15,7 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from .config import JetMoeConfig, directory_file, read_small_text
+from . import files
+from .config import JetMoeConfig
 from .weights import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
 SAFETENSORS_DTYPES = {
@@ -38,11 +38,14 @@ class Pretrained:
     head = "base"
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None):
+    def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None, finite=True):
         """max_memory: bytes the converted weights may take (default: reference.weights.MEMORY_FRACTION of the
-        available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion."""
+        available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion.
+        finite: refuse weights holding NaN or inf (check_finite); False loads them as they are."""
         config = JetMoeConfig.from_pretrained(path)
         base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, dtype, max_memory, progress)
+        if finite:
+            check_finite({**base, **head})
         return cls(config, base, head)
 
     @classmethod
@@ -121,88 +124,136 @@ def is_norm_weight(name):
     return name.endswith("norm.weight")
 
 
-def _read_header(path):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > size - 8:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file: header claims {header_len} "
-                                  f"bytes but the file has {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+MAX_HEADER_BYTES = files.LIMITS["header"]  # the safetensors library's MAX_HEADER_SIZE
+MAX_NDIM = 64  # NumPy's most dimensions
+
+
+def _read_header(f, path, size):
+    # f: the open file, size: its bytes -> (header {name: entry}, metadata {str: str}, data start)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: the safetensors header claims {header_len:,} bytes, over the "
+                              f"{MAX_HEADER_BYTES:,}-byte cap (the safetensors library's)")
+    if header_len > size - 8:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file: header claims {header_len} "
+                              f"bytes but the file has {size}")
+    try:
+        header = files.parse_json(f.read(header_len).decode("utf-8"), f"{path} header")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason})") from None
+    except files.FileError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    return header, 8 + header_len, size
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings, got "
+                              f"{files.shown(metadata)}")
+    return header, metadata, 8 + header_len
 
 
-def read_safetensors(path):
-    """name -> read-only memory-mapped array, for every tensor of one .safetensors file."""
-    header, data_start, size = _read_header(path)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
+def _entry(path, name, info):
+    # one header entry -> (begin, end, dtype, shape), checked as the safetensors library checks it
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {files.shown(name)} has a malformed header entry "
+                              f"{files.shown(info)}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
+        raise CheckpointError(f"{path}: tensor {files.shown(name)} has a malformed header entry {files.shown(info)} "
+                              f"(offsets and shape must be integers >= 0)")
+    if len(shape) > MAX_NDIM:
+        raise CheckpointError(f"{path}: tensor {files.shown(name)} has {len(shape)} dimensions, more than {MAX_NDIM}")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        dtype_text = dtype_name[:16] if isinstance(dtype_name, str) else files.shown(dtype_name)
+        raise CheckpointError(f"{path}: tensor {files.shown(name)} has unsupported dtype {dtype_text}")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize  # exact: a huge shape cannot wrap around as int64 would
+    if end - begin != expected:
+        raise CheckpointError(f"{path}: tensor {files.shown(name)} is corrupt: shape {list(shape)} {dtype_name} "
+                              f"needs {expected} bytes, header gives offsets [{begin}, {end})")
+    return begin, end, dtype, shape
+
+
+def _check_layout(path, entries, data_size):
+    # entries: {name: (begin, end, ...)}: the tensors must tile the data exactly, as the safetensors library
+    # requires: sorted by offset, each starts where the one before ends (no overlap, no gap), the last ends at the end
+    end_so_far, before = 0, None
+    for name, (begin, end, *_) in sorted(entries.items(), key=lambda item: item[1][:2]):
+        if begin != end_so_far:
+            raise CheckpointError(
+                f"{path}: tensor {files.shown(name)} starts at data byte {begin}, but "
+                + (f"{files.shown(before)} ends at {end_so_far}" if before is not None else "the data starts at 0")
+                + f": tensors must follow each other without {'overlap' if begin < end_so_far else 'gap'}")
+        end_so_far, before = end, name
+    if end_so_far != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {end_so_far} bytes of data, but the file holds {data_size} "
+                              f"after its header")
+
+
+def read_safetensors(path, with_metadata=False):
+    """name -> read-only memory-mapped array, for every tensor of one .safetensors file, its header checked as
+    strictly as the safetensors library checks it; with_metadata: (that, the header's __metadata__)."""
+    with files.open_file(path, None) as f:
+        size = os.fstat(f.fileno()).st_size
+        header, metadata, data_start = _read_header(f, path, size)
+        entries = {name: _entry(path, name, info) for name, info in header.items()}
+        for name, (begin, end, _, _) in entries.items():
+            if data_start + end > size:
+                raise CheckpointError(f"{path}: truncated file: tensor {files.shown(name)} ends at byte "
+                                      f"{data_start + end} but the file has {size} bytes")
+        _check_layout(path, entries, size - data_start)
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (offsets and "
-                                  f"shape must be integers >= 0)")
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
-        dtype = SAFETENSORS_DTYPES[dtype_name]
-        expected = math.prod(shape) * dtype.itemsize  # exact: a huge shape cannot wrap around as int64 would
-        if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} is corrupt: shape {list(shape)} {dtype_name} needs "
-                                  f"{expected} bytes, header gives offsets [{begin}, {end})")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end} "
-                                  f"but the file has {size} bytes")
-        tensors[name] = mapped[data_start + begin:data_start + end].view(dtype).reshape(shape)
-    return tensors
+            mapped = np.memmap(f, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+        except OSError as error:  # e.g. too many open files: every mapped shard keeps one
+            raise CheckpointError(f"{path}: cannot be memory-mapped: {error.strerror or error}") from None
+    tensors = {name: mapped[data_start + begin:data_start + end].view(dtype).reshape(shape)
+               for name, (begin, end, dtype, shape) in entries.items()}
+    return (tensors, metadata) if with_metadata else tensors
 
 
 def read_checkpoint_tensors(path):
-    """All tensors of an HF model directory: model.safetensors, or the shards its index lists."""
+    """All tensors of an HF model directory: model.safetensors, or the shards its index lists; every failure a
+    CheckpointError naming the file (reference/files.py's refusals included)."""
+    try:
+        return _read_checkpoint_tensors(path)
+    except files.FileError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def _read_checkpoint_tensors(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    single, index = (checked_file(path, name) for name in ("model.safetensors", "model.safetensors.index.json"))
-    if os.path.isfile(single):
+    single, index = (files.inside(path, name) for name in ("model.safetensors", "model.safetensors.index.json"))
+    if files.present(single):
         return read_safetensors(single)
-    if not os.path.isfile(index):
+    if not files.present(index):
         raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
-    try:
-        weight_map = json.loads(read_small_text(index))["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:  # bad JSON, no weight_map, a top level that is not an object
-        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    values = files.read_json(index, "index")
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (it needs a weight_map object)")
+    by_shard = {}  # shard -> the names the index puts there, in one pass (60,000 shards must not take minutes)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got "
+                                  f"{files.shown(name)}: {files.shown(shard)}")
+        by_shard.setdefault(shard, []).append(name)
     tensors = {}
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
-    for shard in sorted(set(weight_map.values())):
-        shard_path = checked_file(path, shard)
-        if not os.path.isfile(shard_path):
-            raise CheckpointError(f"{index} lists shard {shard!r}, which is missing")
+    for shard, names in sorted(by_shard.items()):
+        shard_path = files.inside(path, shard)
+        if not files.present(shard_path):
+            raise CheckpointError(f"{index} lists shard {files.shown(shard)}, which is missing")
         shard_tensors = read_safetensors(shard_path)
-        for name, file in weight_map.items():
-            if file == shard:
-                if name not in shard_tensors:
-                    raise CheckpointError(f"{index} puts tensor {name!r} in {shard!r}, which does not contain it")
-                tensors[name] = shard_tensors[name]
+        for name in names:
+            if name not in shard_tensors:
+                raise CheckpointError(f"{index} puts tensor {files.shown(name)} in {files.shown(shard)}, which does "
+                                      "not contain it")
+            tensors[name] = shard_tensors[name]
     return tensors
-
-
-def checked_file(directory, name):
-    # -> directory/name, or CheckpointError where name would lead out of the directory (config.directory_file)
-    try:
-        return directory_file(directory, name)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
 
 
 def _strip_base_prefix(tensors):
@@ -252,6 +303,27 @@ def select_tensors(tensors, config, head, dtype, max_memory=None, progress=None)
     head_names = set(head_parameter_shapes(config, head))
     base = {n: t for n, t in converted.items() if n not in head_names}
     return base, {n: t for n, t in converted.items() if n in head_names}
+
+
+def first_non_finite(array, block=1 << 20):
+    # array: [...] floating -> the index (a tuple) of its first NaN or inf in C order, or None; read `block`
+    # elements at a time, so no mask as large as the array is made
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, block):
+        part = np.isfinite(flat[start:start + block])
+        if not part.all():
+            return tuple(int(i) for i in np.unravel_index(start + int(np.argmin(part)), array.shape))
+    return None
+
+
+def check_finite(tensors):
+    """CheckpointError naming the first tensor (and index) holding NaN or inf: a model computing with it would
+    give NaN text or loss without a word. One pass over each tensor in memory, once, at load; a MappedWeight
+    (left in the file) is not read here: the tools check the logits it reaches (jetmoe/finite.py)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, np.ndarray) and (where := first_non_finite(tensor)) is not None:
+            raise CheckpointError(f"tensor {name!r} holds {tensor[where]} at index {list(where)}: a checkpoint's "
+                                  "weights must be finite")
 
 
 def is_small(name, tensor):

@@ -6,32 +6,27 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 
-
-def directory_file(directory, name):
-    """directory/name for a file a model directory may hold (config.json, a shard, tokenizer.json), checked first:
-    a checkpoint is untrusted input, so `name` must be a plain file name (not `../x` or an absolute path, which an
-    index's weight_map could give) and a link there must not lead out of the directory. ValueError otherwise."""
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-        raise ValueError(f"{name!r} is not a file name inside the model directory {directory!r}")
-    path = os.path.join(directory, name)
-    root, real = os.path.realpath(directory), os.path.realpath(path)
-    if os.path.commonpath([root, real]) != root:
-        raise ValueError(f"{path} leads outside the model directory (to {real})")
-    return path
+from .files import inside, read_json_object, shown
 
 
-MAX_JSON_BYTES = 64 << 20  # config.json, an index, tokenizer_config.json: far larger is not one, so it is not read
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels", "intermediate_size",
+         "max_position_embeddings", "num_local_experts", "num_experts_per_tok")
+MAX_SIZE = 2**31 - 1  # sizes and token ids: what an int32 holds, as in every framework's embedding and shapes
+MAX_LAYERS = 1 << 16  # the checkpoint's expected names are listed per layer before any tensor is read
+FLOATS = ("rms_norm_eps", "rope_theta", "aux_loss_coef", "initializer_range", "attention_dropout")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
-def read_small_text(path):
-    """The UTF-8 text of a JSON file of a model directory; ValueError past MAX_JSON_BYTES (untrusted input)."""
-    if os.path.getsize(path) > MAX_JSON_BYTES:
-        raise ValueError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB: not a model directory's JSON file")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 DEFAULT_ROPE_THETA = 10000.0  # both versions' value when a file names no base at all
@@ -155,12 +150,16 @@ class JetMoeConfig:
         return self.num_key_value_heads * self.num_experts_per_tok
 
     def validate(self):
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
-                    "intermediate_size", "max_position_embeddings", "num_local_experts", "num_experts_per_tok"]
-        for name in positive:
+        """ValueError naming the first field whose value has the wrong type or lies out of range: a config.json is
+        untrusted input, so booleans must be JSON booleans, sizes and token ids integers, floats finite."""
+        for name in SIZES:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"JetMoeConfig.{name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"JetMoeConfig.{name} must be a positive integer, got {shown(value)}"
+                                 + (f" (at most {MAX_SIZE})" if _is_int(value) and value > 0 else ""))
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise ValueError(f"JetMoeConfig.num_hidden_layers={self.num_hidden_layers} is over {MAX_LAYERS}: not "
+                             "a model this reference can hold")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"JetMoeConfig.num_experts_per_tok (top-k K={self.num_experts_per_tok}) must be <= "
@@ -169,29 +168,44 @@ class JetMoeConfig:
             raise ValueError(
                 f"JetMoeConfig.kv_channels (Dh={self.kv_channels}) must be even: RoPE's rotate_half splits Dh in two")
         if self.activation_function != "silu":
-            raise ValueError(f"JetMoeConfig.activation_function={self.activation_function!r} is not supported; "
+            raise ValueError(f"JetMoeConfig.activation_function={shown(self.activation_function)} is not supported; "
                              "JetMoE's SwiGLU experts use 'silu'")
-        if not (self.rms_norm_eps > 0):
-            raise ValueError(f"JetMoeConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0):
-            raise ValueError(f"JetMoeConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        for name in ("output_router_logits", "use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"JetMoeConfig.{name} must be true or false (a JSON boolean), got "
+                                 f"{shown(getattr(self, name))}")
+        for name in FLOATS:
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"JetMoeConfig.{name} must be a finite number, got {shown(value)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"JetMoeConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.initializer_range < 0:
+            raise ValueError(f"JetMoeConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if not 0 <= self.attention_dropout <= 1:
+            raise ValueError(f"JetMoeConfig.attention_dropout must be in [0, 1], got {self.attention_dropout!r}")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
-                raise ValueError(f"JetMoeConfig.rope_scaling must be None or a dict, got {self.rope_scaling!r}")
+                raise ValueError(f"JetMoeConfig.rope_scaling must be None or a dict, got {shown(self.rope_scaling)}")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type != "default":
-                raise ValueError(f"JetMoeConfig.rope_scaling={self.rope_scaling!r} is not supported: "
+                raise ValueError(f"JetMoeConfig.rope_scaling={shown(self.rope_scaling)} is not supported: "
                                  "only default RoPE (rope_scaling=None) is implemented")
-        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool)
-                                              or not isinstance(self.pad_token_id, int)):
-            raise ValueError(f"JetMoeConfig.pad_token_id must be None or an integer, got {self.pad_token_id!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"JetMoeConfig.pad_token_id={self.pad_token_id} is outside [0, {self.vocab_size})")
-        if not isinstance(self.num_labels, int) or self.num_labels <= 0:
-            raise ValueError(f"JetMoeConfig.num_labels must be a positive integer, got {self.num_labels!r}")
-        if self.problem_type not in (None, "regression", "single_label_classification",
-                                     "multi_label_classification"):
-            raise ValueError(f"JetMoeConfig.problem_type={self.problem_type!r} is not one of HF's problem types")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            several = name == "eos_token_id" and isinstance(value, (list, tuple))  # HF allows several stop tokens
+            for token_id in (value if several else [] if value is None else [value]):
+                if not _is_int(token_id):
+                    raise ValueError(f"JetMoeConfig.{name} must be None or an integer"
+                                     f"{' or a list of integers' if name == 'eos_token_id' else ''}, got "
+                                     f"{shown(value)}")
+                if not 0 <= token_id < self.vocab_size:
+                    raise ValueError(f"JetMoeConfig.{name}={shown(token_id)} is outside [0, {self.vocab_size})")
+        if not _is_int(self.num_labels) or not 0 < self.num_labels <= MAX_SIZE:
+            raise ValueError(f"JetMoeConfig.num_labels must be a positive integer, got {shown(self.num_labels)}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"JetMoeConfig.problem_type={shown(self.problem_type)} is not one of HF's problem types")
 
     @property
     def eos_token_ids(self):
@@ -231,20 +245,16 @@ class JetMoeConfig:
 
     @classmethod
     def from_pretrained(cls, path):
-        if not os.path.exists(path):
+        """A model directory's config.json (or a config.json path), read through reference/files.py's guards."""
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"{path!r} does not exist: expected a model directory or a config.json")
-        config_path = directory_file(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(config_path):
+        config_path = inside(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.lexists(config_path):
             raise FileNotFoundError(f"no config.json at {config_path!r}")
-        try:
-            values = json.loads(read_small_text(config_path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(values).__name__}")
+        values = read_json_object(config_path, "config")
         try:
             return cls.from_dict(values)
-        except TypeError as e:  # a value of the wrong type, e.g. rms_norm_eps "x", met by a comparison
+        except (TypeError, ValueError) as e:  # a value of the wrong type or out of range (validate)
             raise ValueError(f"{config_path}: {e}") from None
 
     def save_pretrained(self, path):

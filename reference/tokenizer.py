@@ -9,13 +9,13 @@ byte-level BPE (our bundled model) and Llama-style SentencePiece BPE with byte f
 Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
-import json
 import os
 
 import numpy as np
 import tokenizers
 
-from .config import JetMoeConfig, directory_file, read_small_text
+from . import files
+from .config import JetMoeConfig
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a UTF-8 decoder writes for bytes that do not (yet) form a character
 
@@ -56,7 +56,7 @@ class Tokenizer:
     def _check_in_vocab(self, name, token_id):  # name: str, token_id: int; raises TokenizerError
         if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
             raise TokenizerError(f"{name} must be an integer token id, got {token_id!r}")
-        if self._tokenizer.id_to_token(int(token_id)) is None:
+        if not 0 <= token_id < self.vocab_size or self._tokenizer.id_to_token(int(token_id)) is None:
             raise TokenizerError(f"{name}={token_id} is not a token of the tokenizer (vocabulary of "
                                  f"{self.vocab_size} tokens, ids 0..{self.vocab_size - 1})")
 
@@ -71,18 +71,20 @@ class Tokenizer:
         if not os.path.isdir(model_dir):
             raise TokenizerError(f"model directory {model_dir!r} does not exist")
         try:
-            tokenizer_path, config_path, options_path = (directory_file(model_dir, name) for name in (
+            tokenizer_path, config_path, options_path = (files.inside(model_dir, name) for name in (
                 "tokenizer.json", "config.json", "tokenizer_config.json"))
-        except ValueError as e:
+            if not files.present(tokenizer_path):
+                raise TokenizerError(f"no tokenizer.json in {model_dir}: expected the HF tokenizer file "
+                                     f"{tokenizer_path}")
+            text = files.read_text(tokenizer_path, "tokenizer")
+        except files.FileError as e:
             raise TokenizerError(str(e)) from None
-        if not os.path.isfile(tokenizer_path):
-            raise TokenizerError(f"no tokenizer.json in {model_dir}: expected the HF tokenizer file {tokenizer_path}")
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
+        try:  # from the text already read: the file is opened once, through the guards
+            tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust library raises a bare Exception for every parse or schema error
-            raise TokenizerError(f"{tokenizer_path} is not a valid tokenizer.json ({e})") from None
+            raise TokenizerError(f"{tokenizer_path} is not a valid tokenizer.json ({files.shown(str(e))})") from None
         try:
-            config = JetMoeConfig.from_pretrained(config_path)
+            config = JetMoeConfig.from_pretrained(model_dir)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot read the bos/eos/pad token ids from {config_path}: {e}") from None
         add_bos_token = _read_add_bos_token(options_path)
@@ -188,15 +190,13 @@ class TextStream:
 
 def _read_add_bos_token(path):  # path of an optional tokenizer_config.json -> bool
     """HF's "add_bos_token" key; True when the file or the key is absent, LlamaTokenizerFast's default."""
-    if not os.path.isfile(path):
+    if not files.present(path):
         return True
     try:
-        values = json.loads(read_small_text(path))
-    except ValueError as e:  # not JSON, or too large to be a tokenizer_config.json
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        values = files.read_json_object(path, "tokenizer_config")
+    except files.FileError as e:  # not JSON, too large, not a regular file
+        raise TokenizerError(str(e)) from None
     add_bos_token = values.get("add_bos_token", True)
     if not isinstance(add_bos_token, bool):
-        raise TokenizerError(f"{path}: add_bos_token must be true or false, got {add_bos_token!r}")
+        raise TokenizerError(f"{path}: add_bos_token must be true or false, got {files.shown(add_bos_token)}")
     return add_bos_token

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import shown
 from .inputs import to_numpy
-from .weights import BF16
+from .weights import BF16, available_memory
 
 _active = contextvars.ContextVar("jetmoe_trace", default=None)
 
@@ -134,16 +135,90 @@ class Trace(dict):
 
 
 def load_with_metadata(path):
-    """(Trace, metadata {str: str}) of a safetensors trace file."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-    tensors = load_file(path)
-    with safe_open(path, framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
+    """(Trace, metadata {str: str}) of a safetensors trace file: untrusted input, read as a checkpoint is
+    (reference/checkpoint.py: a regular file, its header checked as strictly as the safetensors library does), its
+    tensors memory-mapped and read-only, so a large file costs no memory until a tensor is used."""
+    from .checkpoint import read_safetensors
+    tensors, metadata = read_safetensors(os.fspath(path), with_metadata=True)
     order = metadata.get("order", "")
     names = [n for n in order.split(",") if n in tensors] if order else []
     known = set(names)
     return Trace([(n, tensors[n]) for n in names] + [(n, t) for n, t in tensors.items() if n not in known]), metadata
+
+
+TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compared in
+MAX_POSITION = 2**31 - 1
+
+
+def check_trace_file(trace, metadata, config, label, itemsize=8, available=None):
+    """ValueError, before any work, where a trace file (a Trace and its metadata) does not fit the model `config`:
+    float tensors other than bfloat16/float32/float64, inputs.* that are not [B, T] integers of the right shapes,
+    token ids outside the vocabulary, more tokens than max_position_embeddings, routing indices outside [0, E), or
+    a forward whose activations, `itemsize` bytes a number, would not fit `available` bytes (default: the memory
+    available now)."""
+    dtype = metadata.get("dtype")
+    if dtype is not None and dtype not in TRACE_FLOATS:
+        raise ValueError(f"{label}: its metadata says dtype {shown(dtype)}; a trace is compared in "
+                         f"{', '.join(TRACE_FLOATS)}")
+    for name, value in trace.items():
+        kind = np.dtype(value.dtype)
+        if kind.kind == "f" or kind == BF16:
+            if kind.name not in TRACE_FLOATS:
+                raise ValueError(f"{label}: tensor {shown(name)} is {kind.name}; a trace holds "
+                                 f"{', '.join(TRACE_FLOATS)} floats (cast it to float32)")
+        elif kind.kind not in "iub":
+            raise ValueError(f"{label}: tensor {shown(name)} has dtype {kind.name}, neither float nor integer")
+        if name.endswith("router.top_k_indices"):
+            _check_ids(label, name, value, config.num_local_experts, 2)
+            if value.shape[1] != config.num_experts_per_tok:
+                raise ValueError(f"{label}: {name} has shape {list(value.shape)}, the model chooses "
+                                 f"K={config.num_experts_per_tok} experts per token")
+    step, batch, tokens = 0, None, 0
+    while (prefix := f"step.{step}." if step else "") + "inputs.input_ids" in trace:
+        ids = _check_ids(label, prefix + "inputs.input_ids", trace[prefix + "inputs.input_ids"], config.vocab_size, 2)
+        batch = ids.shape[0] if batch is None else batch
+        expected = (batch, ids.shape[1] if step == 0 else 1)
+        if ids.shape != expected:
+            raise ValueError(f"{label}: {prefix}inputs.input_ids has shape {list(ids.shape)}, expected "
+                             f"{list(expected)}")
+        tokens += ids.shape[1]
+        for name, high, shape in (("attention_mask", 2, (batch, tokens)), ("position_ids", MAX_POSITION,
+                                                                           expected)):
+            if prefix + "inputs." + name in trace:
+                value = _check_ids(label, prefix + "inputs." + name, trace[prefix + "inputs." + name], high, 2)
+                if value.shape != shape:
+                    raise ValueError(f"{label}: {prefix}inputs.{name} has shape {list(value.shape)}, expected "
+                                     f"{list(shape)}")
+        step += 1
+    if tokens > config.max_position_embeddings:
+        raise ValueError(f"{label} runs on {tokens} tokens, more than max_position_embeddings="
+                         f"{config.max_position_embeddings} of the model")
+    needed = activation_bytes(config, batch or 0, tokens, itemsize)
+    available = available if available is not None else available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"{label}: a trace of its {batch} x {tokens} tokens needs about {needed / 2**30:.1f} GiB of "
+                         f"activations, more than the {available / 2**30:.1f} GiB available")
+
+
+def activation_bytes(config, batch, tokens, itemsize):
+    """A bound on the bytes a captured forward over [batch, tokens] keeps, `itemsize` bytes a number: per layer the
+    attention probs [B, K*H, T, T], a dozen [B, T, D] tensors and the experts' [N, K, 3F]; then the logits [B, T, V]."""
+    K, H, D, F = (config.num_experts_per_tok, config.num_key_value_heads, config.hidden_size,
+                  config.intermediate_size)
+    per_layer = batch * tokens * (K * H * tokens + 12 * D + 3 * K * F + 2 * config.num_local_experts)
+    return itemsize * (config.num_hidden_layers * per_layer + batch * tokens * config.vocab_size)
+
+
+def _check_ids(label, name, value, high, ndim):
+    # value: an integer tensor of `ndim` dimensions, each entry in [0, high) -> value; ValueError naming it otherwise
+    value = np.asarray(value)
+    if value.ndim != ndim or not (np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_):
+        raise ValueError(f"{label}: {name} must be a {ndim}-D integer tensor, got shape {list(value.shape)} "
+                         f"{value.dtype}")
+    if value.size and (int(value.min()) < 0 or int(value.max()) >= high):
+        bad = int(value.min()) if int(value.min()) < 0 else int(value.max())
+        raise ValueError(f"{label}: {name} holds {bad}, outside [0, {high})")
+    return value
 
 
 @contextlib.contextmanager

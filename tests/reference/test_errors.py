@@ -221,6 +221,16 @@ BAD_CONFIGS = [
     (dict(rms_norm_eps=0.0), r"rms_norm_eps must be > 0, got 0.0"),
     (dict(rope_theta=-1.0), r"rope_theta must be > 0, got -1.0"),
     (dict(num_labels=0), r"num_labels must be a positive integer, got 0"),
+    (dict(rms_norm_eps=float("inf")), r"rms_norm_eps must be a finite number, got inf"),
+    (dict(rope_theta=float("nan")), r"rope_theta must be a finite number, got nan"),
+    (dict(tie_word_embeddings="false"), r"tie_word_embeddings must be true or false \(a JSON boolean\), got 'false'"),
+    (dict(use_cache=0), r"use_cache must be true or false"),
+    (dict(bos_token_id=-1), rf"bos_token_id=-1 is outside \[0, {V}\)"),
+    (dict(eos_token_id=2**40), rf"eos_token_id=1099511627776 is outside \[0, {V}\)"),
+    (dict(eos_token_id=[1, V]), rf"eos_token_id={V} is outside \[0, {V}\)"),
+    (dict(vocab_size=2**40), r"vocab_size must be a positive integer, got 1099511627776 \(at most 2147483647\)"),
+    (dict(num_hidden_layers=10**9), r"num_hidden_layers=1000000000 is over 65536"),
+    (dict(hidden_size="16"), r"hidden_size must be a positive integer, got '16'"),
     (dict(problem_type="ranking"), r"problem_type='ranking' is not one of HF's problem types"),
 ]
 
