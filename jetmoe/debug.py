@@ -25,11 +25,13 @@ names every independent bug. The exit status is 1 when a row is introduced or in
 """
 
 import bdb
+import dis
 import fnmatch
 import hashlib
 import json
 import math
 import os
+import pdb
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +41,7 @@ from reference.generation import generate, positions_from_mask
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
 from . import cli
+from .generate import encode_prompts
 
 LIVE = ("ref", "hf", "gpu")
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -49,6 +52,7 @@ INPUTS = ("input_ids", "attention_mask", "position_ids")
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2}
 PRECISION = ["bfloat16", "float32", "float64"]  # least precise first
 FORMAT = "jetmoe-trace-1"
+DUMP_NAME = "trace.safetensors"  # the file `dump --out DIR` writes inside an existing directory
 
 
 @dataclass
@@ -341,8 +345,7 @@ def plot(rows, trace_a, trace_b, path, title):
 
 def prompt_forwards(args, tokenizer, model):
     """Forwards from --prompt: one forward, or (--max-new-tokens N) generate's N forwards with greedy tokens."""
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     if args.max_new_tokens <= 1:  # one forward (generate's single prefill would keep only the last logits)
         return Forwards([(ids, mask, positions_from_mask(mask))], "--prompt")
     with capture() as trace:
@@ -358,6 +361,7 @@ def writable(path, what):
 
 
 def run_compare(args):
+    cli.check_model_directory(args.model)
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
@@ -368,6 +372,9 @@ def run_compare(args):
     forwards = None
     for side in files:
         found = forwards_of(side, notes)
+        if found is not None and args.prompt is not None:
+            raise ValueError(f"--prompt: {side.label} holds the inputs it ran on, and a live side runs on those; "
+                             "leave out --prompt (it is for a file without inputs.input_ids, or two live sides)")
         if found is None and args.prompt is None:
             raise ValueError(f"{side.label} holds no inputs.input_ids: add the token ids it ran on "
                              "(inputs.input_ids [B, T] int64, inputs.attention_mask, inputs.position_ids; "
@@ -426,37 +433,88 @@ def run_compare(args):
     print(f"first divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e})")
     if introduced:
         print(f"introduced here: {', '.join(introduced[:12])}{' ...' if len(introduced) > 12 else ''}")
-    if counts["inherited"]:
+    if counts["inherited"] and "ref" in (a.kind, b.kind):
         print("rows after the first divergence inherit its error: --isolate checks each op on its own")
+    elif counts["inherited"]:  # --isolate needs a live reference side
+        print(f"rows after the first divergence inherit its error: `jetmoe debug compare {args.model} {a.label} "
+              "ref --isolate` checks each op of one file on its own")
     return int(failed)
 
 
+def dump_path(out):
+    """--out as given, or DUMP_NAME inside it where it is an existing directory."""
+    return os.path.join(out, DUMP_NAME) if os.path.isdir(out) else out
+
+
 def run_dump(args):
-    writable(args.out, "trace")
+    out = dump_path(args.out)
+    writable(out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype)
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
-    with TraceWriter(args.out, metadata) as writer, handling(writer):
+    with TraceWriter(out, metadata) as writer, handling(writer):
         if args.max_new_tokens > 1:  # 1: the prefill alone, written as one forward with every logit
             generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
         else:
             run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "--prompt"))
     steps = max(args.max_new_tokens - 1, 0)
     print(f"wrote {len(writer)} tensors of input_ids {ids.shape}{f' and {steps} decode steps' if steps else ''}"
-          f" to {args.out}")
+          f" to {out}")
     return 0
+
+
+def assigned_name(frame):
+    """The local that the line running in `frame` assigns its call's result to (`x` in `x = trace.record(...)`),
+    or None: the instruction after the call in progress (frame.f_lasti) is then a store."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    after = [i for i in instructions if i.offset > frame.f_lasti and i.opname not in ("CACHE", "EXTENDED_ARG")]
+    stores = ("STORE_FAST", "STORE_NAME", "STORE_DEREF", "STORE_GLOBAL")
+    return after[0].argval if after and after[0].opname in stores else None
+
+
+class StopPdb(pdb.Pdb):
+    """pdb in the frame that computed a traced tensor, where `value` (and the local the line assigns, which Python
+    binds only when the call returns) hold this stop's tensor, and `name` its trace name."""
+
+    def __init__(self, frame, bound):
+        super().__init__()
+        self.stop_frame, self.bound = frame, bound
+
+    def setup(self, frame, traceback):
+        super().setup(frame, traceback)
+        self._bind()
+
+    def _select_frame(self, number):  # `up` and `down` reread the frame's locals: bind again
+        super()._select_frame(number)
+        self._bind()
+
+    def _bind(self):  # a copy: reading frame.f_locals again would reset the locals the call has not bound yet
+        if self.curframe is self.stop_frame:
+            self.curframe_locals = {**self.curframe.f_locals, **self.bound}
+
+
+def pdb_stop(name, value, frame):
+    """`debug step`'s stop: tracing.pdb_at's pdb, with this stop's values bound (StopPdb)."""
+    target = assigned_name(frame)
+    bound = {"value": value, "name": name, **({target: value} if target else {})}
+    print(f"\n> trace point {name} {tuple(value.shape)} {value.dtype}, computed in {frame.f_code.co_name}() at "
+          f"{frame.f_code.co_filename}:{frame.f_lineno}\n  `value`{f' and `{target}`' if target else ''} hold it, "
+          "`name` its name; c: next stop, q: quit")
+    debugger = StopPdb(frame, bound)
+    debugger.reset()
+    debugger.interaction(frame, None)
+    if debugger.quitting:
+        raise bdb.BdbQuit
 
 
 def run_step(args):
     model, tokenizer = cli.load(args.model, args.dtype)
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     matched = []
 
     def stop(name, value, frame):
         matched.append(name)
-        return tracing.pdb_at(name, value, frame)
+        return pdb_stop(name, value, frame)
 
     try:
         with tracing.breakpoint(args.break_at, callback=stop):
@@ -477,7 +535,8 @@ def add_arguments(parser):
     commands = parser.add_subparsers(dest="command", required=True)
     texts = {"compare": "compare every named tensor of two implementations (trace files, ref, hf, gpu)",
              "dump": "write the reference trace, with its inputs, to safetensors (layer by layer)",
-             "step": "stop in pdb at each trace point matching --break"}
+             "step": "stop in pdb at each trace point matching --break: `value` (and the local its line assigns) "
+                     "holds the tensor, `name` its trace name"}
     for name, run in (("compare", run_compare), ("dump", run_dump), ("step", run_step)):
         sub = commands.add_parser(name, help=texts[name], description=texts[name])
         sub.add_argument("model", help="a Hugging Face JetMoE directory (config.json, weights, tokenizer.json)")
@@ -504,7 +563,8 @@ def add_arguments(parser):
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
         if name == "dump":
-            sub.add_argument("--out", required=True, help="the .safetensors file to write")
+            sub.add_argument("--out", required=True,
+                             help=f"the .safetensors file to write (an existing directory: {DUMP_NAME} inside it)")
         if name == "step":
             sub.add_argument("--break", dest="break_at", required=True, metavar="GLOB",
                              help="trace names to stop at, e.g. 'layers.1.mlp.*'")

@@ -33,10 +33,10 @@ def read_text(path):
 
 def context_length(text):
     """--context: a window predicts from its second token on, so it needs at least 2."""
-    value = cli.positive_int(text)
+    value = cli.number(text, int)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be an integer >= 2 (a window of one token predicts nothing), "
-                                             f"got {text}")
+                                         f"got {text}")
     return value
 
 

@@ -1,0 +1,138 @@
+"""Issue 27: what a new user hit on a fresh clone, each case checked as the user met it (subprocess or main()).
+
+No case may end in a traceback: every bad input is one `error:` line and a non-zero exit.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jetmoe.cli import main
+from reference import JetMoeForCausalLM
+from reference.tokenizer import Tokenizer
+from reference.trace import capture
+
+from paths import ROOT, TINY_MODEL as MODEL
+from ports import PROMPTS, port_trace, repeat_interleave_bug
+
+
+def jetmoe(*args, stdin=None):
+    done = subprocess.run([sys.executable, "-m", "jetmoe", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, input=stdin)
+    return done.returncode, done.stdout, done.stderr
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+@pytest.mark.parametrize("args", [("generate", "--model", MODEL), ("generate", "--model", MODEL, "--prompt", "a",
+                                                                    "--top-p", "2"),
+                                  ("debug", "dump", MODEL, "--prompt", "a"), ("debug", "nosuch"), ()])
+def test_argparse_errors_are_one_line_pointing_to_help(args):
+    code, out, err = jetmoe(*args)
+    line = one_error_line(err)
+    assert code == 2 and out == "" and "usage:" not in err and "--help" in line, err
+
+
+def test_model_given_as_its_config_file():
+    code, out, err = jetmoe("generate", "--model", os.path.join(MODEL, "config.json"), "--prompt", "a")
+    line = one_error_line(err)
+    assert code == 1 and "is a file" in line and "does not exist" not in line, err
+    code, out, err = jetmoe("debug", "compare", os.path.join(MODEL, "config.json"), "ref", "--prompt", "a")
+    assert code == 1 and "is a file" in one_error_line(err)
+
+
+def test_corrupt_config_names_the_json_error(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(MODEL):
+        if name.endswith(".json") or name.endswith(".safetensors"):
+            os.symlink(os.path.join(MODEL, name), model / name)
+    os.remove(model / "config.json")
+    (model / "config.json").write_text('{"model_type": "jetmoe", bad', encoding="utf-8")
+    code, out, err = jetmoe("generate", "--model", model, "--prompt", "a")
+    line = one_error_line(err)
+    assert code == 1 and "config.json is not valid JSON" in line and "bos/eos/pad" not in line, err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-3"])
+def test_context_below_two_is_one_kind_of_message(tmp_path, value):
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO: hello\n", encoding="utf-8")
+    code, out, err = jetmoe("evaluate", "--model", MODEL, "--text-file", text, "--context", value)
+    assert code == 2 and f"argument --context: must be an integer >= 2 (a window of one token predicts nothing), " \
+                          f"got {value}" in one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------------ jetmoe debug
+
+def test_dump_into_an_existing_directory(tmp_path):
+    target = tmp_path / "traces"
+    target.mkdir()
+    code, out, err = jetmoe("debug", "dump", MODEL, "--prompt", "ROMEO:", "--out", target)
+    assert code == 0 and "Traceback" not in err, err
+    written = os.listdir(target)
+    assert len(written) == 1 and written[0].endswith(".safetensors") and str(target / written[0]) in out, out
+    assert sorted(os.listdir(tmp_path)) == ["traces"]  # no spool file beside the directory
+
+
+def test_dump_leaves_no_temporary_file_outside_the_target_folder(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert main(["debug", "dump", MODEL, "--prompt", "ROMEO:", "--out", str(tmp_path / "out" / "t.safetensors")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == ["t.safetensors"]
+
+
+def test_step_shows_this_stops_values_in_pdb():
+    """At each stop the help's names hold that stop's tensor: `value`, and the name the line assigns it to (`x`
+    at a norm), not the previous stop's."""
+    model, tokenizer = JetMoeForCausalLM.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
+    ids, mask = tokenizer.encode_batch(["ROMEO:"])
+    with capture() as trace:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    names = ["layers.0.input_layernorm", "layers.0.post_attention_layernorm"]
+    commands = "p 'SUMS', float(x.sum(dtype='float64')), float(value.sum(dtype='float64')), name\nc\n" * 2
+    code, out, err = jetmoe("debug", "step", MODEL, "--prompt", "ROMEO:", "--break", "layers.0.*_layernorm",
+                            stdin=commands)
+    assert code == 0, err
+    sums = [eval(line[line.index("('SUMS'"):]) for line in out.splitlines() if "('SUMS'" in line]
+    assert [s[3] for s in sums] == names, out
+    for (_, x, value, name) in sums:
+        expected = float(trace[name].sum(dtype="float64"))
+        assert x == pytest.approx(expected, rel=1e-6) and value == pytest.approx(expected, rel=1e-6), (name, out)
+
+
+@pytest.mark.parametrize("command", [("dump", "--out", "{tmp}/t.safetensors"), ("step", "--break", "x"),
+                                     ("compare", "ref")])
+def test_debug_honours_max_position_embeddings(tmp_path, command):
+    sub, *rest = command
+    long_prompt = "ROMEO: " + "O Romeo, wherefore art thou? " * 100
+    code, out, err = jetmoe("debug", sub, MODEL, *[a.format(tmp=tmp_path) for a in rest], "--prompt", long_prompt)
+    assert code == 1 and "longer than max_position_embeddings=512" in one_error_line(err), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_compare_refuses_a_prompt_when_a_file_has_inputs(tmp_path, capsys):
+    trace_file = str(tmp_path / "t.safetensors")
+    assert main(["debug", "dump", MODEL, "--prompt", "ROMEO:", "--out", trace_file]) == 0
+    capsys.readouterr()
+    assert main(["debug", "compare", MODEL, trace_file, "--prompt", "JULIET:"]) == 1
+    assert "--prompt" in capsys.readouterr().err
+
+
+def test_two_files_hint_does_not_offer_isolate(tmp_path, capsys):
+    port = port_trace(tmp_path / "port.safetensors", MODEL, repeat_interleave_bug())
+    ref = str(tmp_path / "ref.safetensors")
+    assert main(["debug", "dump", MODEL, *[a for p in PROMPTS for a in ("--prompt", p)], "--out", ref]) == 0
+    capsys.readouterr()
+    assert main(["debug", "compare", MODEL, str(port), ref]) == 1
+    out = capsys.readouterr().out
+    assert "inherit" in out and "--isolate checks each op" not in out and f"{port} ref --isolate" in out, out
+    assert main(["debug", "compare", os.path.join(MODEL, "config.json"), str(port), ref]) == 1
+    assert "is a file" in capsys.readouterr().err
