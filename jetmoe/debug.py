@@ -308,23 +308,45 @@ def format_table(rows, show_all):
     return "\n".join(lines)
 
 
-def plot(rows, trace_a, trace_b, path, title):
-    """Max rel error per named tensor along the forward (log axis; introduced rows and near-ties marked), and a
-    layer x token map of routing agreement: the share of each token's top-k choices the two sides share."""
+def plot(rows, trace_a, trace_b, path, title, rtol):
+    """error_figure(...) written to path as a PNG."""
+    import matplotlib.pyplot as plt
+    fig = error_figure(rows, trace_a, trace_b, title, rtol)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def error_figure(rows, trace_a, trace_b, title, rtol):
+    """Max rel error per named tensor along the forward (log axis, the tolerance as a line, errors of exactly 0 on
+    a marked floor below it, introduced rows named, near-ties marked), and a layer x token map of routing
+    agreement: the share of each token's top-k choices the two sides share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     routers = [r.name for r in rows if r.name.endswith("top_k_indices")]
-    fig, (errors, routing) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=(3, 2), constrained_layout=True)
+    fig, (errors, routing) = plt.subplots(2, 1, figsize=(12, 8), height_ratios=(3, 2), constrained_layout=True)
     rel = np.array([r.max_rel if math.isfinite(r.max_rel) else np.nan for r in rows])
-    floor = np.nanmin(rel[rel > 0]) / 10 if np.any(rel > 0) else 1e-18
-    errors.semilogy(np.maximum(np.nan_to_num(rel, nan=floor), floor), lw=0.8, color="0.4")
+    floor = min([rtol] + list(rel[rel > 0])) / 10 if rtol > 0 or np.any(rel > 0) else 1e-18  # below every error
+    shown = np.maximum(np.nan_to_num(rel, nan=floor), floor)
+    errors.semilogy(shown, lw=0.8, color="0.4")
+    exact = np.flatnonzero(rel == 0)
+    errors.scatter(exact, shown[exact], s=10, marker="v", color="tab:blue", label="error exactly 0 (drawn at the floor)",
+                   zorder=3)
+    errors.axhline(floor, color="tab:blue", lw=0.6, ls=":")
+    if rtol > 0:
+        errors.axhline(rtol, color="black", lw=0.8, ls="--", label=f"tolerance: rtol {rtol:g}")
     for verdict, color in (("introduced", "red"), ("near-tie", "orange"), ("inherited", "0.7")):
         at = [i for i, r in enumerate(rows) if r.verdict == verdict]
-        errors.scatter(at, np.maximum(np.nan_to_num(rel[at], nan=floor), floor), s=18, color=color, label=verdict,
-                       zorder=3)
-    errors.set(title=title, xlabel="trace point, in forward order", ylabel="max rel error")
-    errors.legend(loc="upper left")
+        if at:
+            errors.scatter(at, shown[at], s=18, color=color, label=verdict, zorder=3)
+    for i, row in enumerate(rows):
+        if row.verdict == "introduced":
+            errors.annotate(row.name, (i, shown[i]), xytext=(3, 4), textcoords="offset points", fontsize=8,
+                            rotation=30, color="red")
+    errors.set(title=title, xlabel="trace point, in forward order", ylabel="max rel error",
+               ylim=(floor / 3, max(np.max(shown), rtol) * 300))  # room above for the names
+    errors.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if routers:
         agree = [np.mean(np.sort(np.asarray(trace_a[n]), axis=1) == np.sort(np.asarray(trace_b[n]), axis=1), axis=1)
                  if np.shape(trace_a[n]) == np.shape(trace_b[n]) else np.zeros(len(trace_b[n])) for n in routers]
@@ -333,12 +355,18 @@ def plot(rows, trace_a, trace_b, path, title):
         for i, a in enumerate(agree):
             grid[i, :len(a)] = a
         image = routing.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
-        routing.set_yticks(range(len(routers)), [n.replace(".router.top_k_indices", "") for n in routers],
-                           fontsize=6)
+        every = max(1, len(routers) // 24)  # at most 24 labels, each readable
+        labels = [n.replace(".router.top_k_indices", "").replace("layers.", "layer ").replace(".", " ") for n in routers]
+        routing.set_yticks(range(0, len(routers), every), labels[::every], fontsize=8)
+        routing.xaxis.set_major_locator(MaxNLocator(integer=True))
         routing.set(xlabel="token (N = B*T)", title="routing agreement (share of top-k choices shared)")
         fig.colorbar(image, ax=routing)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def side_title(side):
+    """A side as a plot title names it: a file by its name, not its (often temporary) directory."""
+    return os.path.basename(side.label) if side.kind == "file" else side.label
 
 
 # ------------------------------------------------------------------------------------------- the commands
@@ -405,7 +433,8 @@ def run_compare(args):
         raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
                          "(see README.md 'Trace names')")
     if args.plot:
-        plot(rows, a.trace, b.trace, args.plot, f"{a.label} vs {b.label}{' (--isolate)' if args.isolate else ''}")
+        plot(rows, a.trace, b.trace, args.plot,
+             f"{side_title(a)} vs {side_title(b)}{' (--isolate)' if args.isolate else ''}", rtol)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jetmoe.cli import main
@@ -156,3 +157,22 @@ def test_train_on_a_missing_corpus_is_an_error_before_any_work(tmp_path, capsys,
     line = one_error_line(capsys.readouterr().err)
     assert "make corpus" in line and str(missing) in line
     assert sorted(os.listdir(tmp_path)) == (["corpus"] if make_dir else [])  # nothing created
+
+
+def test_plot_marks_the_floor_the_tolerance_and_names_introduced_rows(tmp_path, capsys, monkeypatch):
+    from jetmoe import debug
+    port = port_trace(tmp_path / "port.safetensors", MODEL, repeat_interleave_bug())
+    figures = []
+    draw = debug.error_figure
+    monkeypatch.setattr(debug, "error_figure", lambda *args: figures.append(draw(*args)) or figures[-1])
+    main(["debug", "compare", MODEL, port, "--isolate", "--plot", str(tmp_path / "errors.png")])
+    errors, routing = figures[0].axes[:2]
+    flat = {round(float(line.get_ydata()[0]), 20) for line in errors.get_lines() if len(set(line.get_ydata())) == 1}
+    assert 1e-4 in flat  # the float32 tolerance as a line
+    floor = min(flat)
+    assert floor < 1e-4 and any("exactly 0" in t.get_text() for t in errors.get_legend().get_texts())
+    assert "layers.0.attention.probs" in [t.get_text() for t in errors.texts]  # the introduced row, named
+    assert str(tmp_path) not in errors.get_title() and errors.get_title().startswith("port.safetensors vs ref")
+    ticks = routing.get_xticks()
+    assert np.all(ticks == np.round(ticks))
+    assert min(label.get_fontsize() for label in routing.get_yticklabels()) >= 8
