@@ -176,3 +176,28 @@ def test_plot_marks_the_floor_the_tolerance_and_names_introduced_rows(tmp_path, 
     ticks = routing.get_xticks()
     assert np.all(ticks == np.round(ticks))
     assert min(label.get_fontsize() for label in routing.get_yticklabels()) >= 8
+
+
+# ------------------------------------------------------------------------------------------ generate, evaluate
+
+def test_a_short_run_does_not_show_dead_experts():
+    code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "ROMEO:", "--max-new-tokens", "3")
+    assert code == 0 and "expert load" in err and "3 new tokens" in err, err
+    assert "on 6 tokens: 12 top-k choices per router; too few to judge an expert" in err, err
+    code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "ROMEO:", "--max-new-tokens", "60",
+                            "--temperature", "0")
+    assert code == 0 and "top-k choices per router" in err and "too few" not in err, err
+
+
+def test_non_ascii_prompt_warns_once():
+    code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "Café ROMEO:", "--prompt", "naïve é",
+                            "--max-new-tokens", "2", "--no-stats")
+    assert code == 0 and err.count("warning: the tokenizer learned no token for 'é', 'ï'") == 1, err
+    code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "ROMEO:", "--max-new-tokens", "2", "--no-stats")
+    assert code == 0 and "warning" not in err, err
+
+
+def test_a_batch_says_why_it_does_not_stream():
+    code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "ROMEO:", "--prompt", "JULIET:",
+                            "--max-new-tokens", "2", "--no-stats")
+    assert code == 0 and "2 prompts: each text is printed when the batch is done" in err, err
