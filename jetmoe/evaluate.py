@@ -13,6 +13,8 @@ import argparse
 import math
 import os
 
+from tqdm import tqdm
+
 from reference.losses import mean_loss
 
 from . import cli
@@ -40,6 +42,15 @@ def context_length(text):
     return value
 
 
+def with_progress(model, bar):
+    """model's forward, advancing bar by the tokens of each batch it scores (mean_loss calls only the forward)."""
+    def forward(**inputs):
+        out = model(**inputs)
+        bar.update(inputs["input_ids"].size)
+        return out
+    return forward
+
+
 def add_arguments(parser):
     cli.add_model_arguments(parser)
     parser.add_argument("--text-file", required=True, help="UTF-8 text to score")
@@ -61,7 +72,8 @@ def main(args):
     if context > limit:
         raise ValueError(f"--context {context} is longer than max_position_embeddings={limit} of {args.model}")
     ids = tokenizer.encode(text)
-    loss, count = mean_loss(model, ids, context, args.batch)
+    with tqdm(total=len(ids), desc="scoring", unit="tok", unit_scale=True, disable=None) as bar:  # stderr, TTY only
+        loss, count = mean_loss(with_progress(model, bar), ids, context, args.batch)
     print(f"tokens:     {count} predicted ({len(ids)} in windows of up to {context})")
     print(f"loss:       {loss:.4f} nats/token")
     print(f"perplexity: {math.exp(loss):.2f}")

@@ -201,3 +201,30 @@ def test_a_batch_says_why_it_does_not_stream():
     code, out, err = jetmoe("generate", "--model", MODEL, "--prompt", "ROMEO:", "--prompt", "JULIET:",
                             "--max-new-tokens", "2", "--no-stats")
     assert code == 0 and "2 prompts: each text is printed when the batch is done" in err, err
+
+
+def test_evaluate_shows_progress_on_a_terminal_only(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 30, encoding="utf-8")
+    args = [sys.executable, "-m", "jetmoe", "evaluate", "--model", MODEL, "--text-file", str(text), "--context", "64"]
+    code, out, err = jetmoe(*args[3:])
+    assert code == 0 and "scoring" not in err and "perplexity" in out, err  # stderr is a pipe: no bar
+    main_fd, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    done = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=300)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # the terminal's other end is closed: everything is read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert done.returncode == 0 and b"scoring" in shown and b"tok" in shown, shown
