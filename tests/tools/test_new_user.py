@@ -228,3 +228,43 @@ def test_evaluate_shows_progress_on_a_terminal_only(tmp_path):
         shown += chunk
     os.close(main_fd)
     assert done.returncode == 0 and b"scoring" in shown and b"tok" in shown, shown
+
+
+# ------------------------------------------------------------------------------------------ the model card
+
+def test_the_model_card_counts_validation_tokens_as_evaluate_does():
+    """The card's validation token counts are the ones measured as `jetmoe evaluate` reads the text (tokens in
+    windows, predicted tokens), not the training log's stream (each play between <s> and </s>: another count)."""
+    import importlib.util
+    import json
+    from reference import JetMoeConfig
+    spec = importlib.util.spec_from_file_location("model_card", os.path.join(ROOT, "scripts", "model_card.py"))
+    model_card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_card)
+    with open(os.path.join(MODEL, "train_log.json")) as f:
+        log = json.load(f)
+    config = JetMoeConfig.from_pretrained(MODEL)
+    load = np.full((2 * config.num_hidden_layers, config.num_local_experts), 1 / config.num_local_experts)
+    m = dict(model_dir=MODEL, log=log, config=config, loss=3.5, count=12_345, tokens=12_399, windows=54,
+             baseline=5.0, samples=["\nROMEO: hi"], share=0.9, words=3, load=load, load_tokens=512, context=256,
+             ascii=True)
+    text = model_card.card(m)
+    assert "12,399 tokens as `jetmoe evaluate` reads it" in text and "12,345 predicted tokens" in text
+    assert f"{log['validation_tokens']:,}" not in text
+    assert "ASCII only" in text and "warns" in text
+
+
+def test_the_docs_count_a_dumps_tensors_as_dump_writes_them(tmp_path, capsys):
+    import re
+    with open(os.path.join(ROOT, "docs", "porting.md"), encoding="utf-8") as f:
+        block = re.search(r"## How many tensors a dump holds.*?```python\n(.*?)```", f.read(), re.S).group(1)
+    namespace = {}
+    exec(block, namespace)
+    printed = capsys.readouterr().out
+    layers = JetMoeForCausalLM.from_pretrained(MODEL).config.num_hidden_layers
+    assert main(["debug", "dump", MODEL, "--prompt", "ROMEO:", "--out", str(tmp_path / "t.safetensors")]) == 0
+    written = int(re.search(r"wrote (\d+) tensors", capsys.readouterr().out).group(1))
+    assert namespace["dump_size"](layers) == written and f"{layers:>2} layers: {written} tensors" in printed
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        typed = re.findall(r"(\d+) tensors for a", f.read())
+    assert typed == [], f"README.md types a dump's tensor count {typed}: docs/porting.md computes it"
