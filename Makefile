@@ -6,7 +6,7 @@ ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
 
 .PHONY: run setup setup-oracle setup-notebooks test test-oracle test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
-	bench-cpu bench-8b gpu-check clean
+	8b-shaped bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
 PROMPT  ?= ROMEO:
@@ -88,7 +88,12 @@ train-tiny-torch: corpus $(ORACLE)
 bench-cpu: $(ORACLE)
 	$(PY) scripts/bench_cpu.py
 
-# bench-8b: the reference on the full jetmoe-8b-shaped checkpoint (17 GB, written once by scripts/make_8b_shaped.py
+# 8b-shaped: build/jetmoe-8b-shaped, jetmoe-8b's layout with random weights (scripts/make_8b_shaped.py, no torch):
+# 17 GB, written once; its first line gives the size and the time it expects, then it checks the free disk space.
+8b-shaped: $(STAMP)
+	$(PY) scripts/make_8b_shaped.py
+
+# bench-8b: the reference on the full jetmoe-8b-shaped checkpoint (17 GB, written once by make 8b-shaped
 # into build/) against HF bf16 and the machine's bandwidth limit, each side in a child under an address-space cap.
 bench-8b: $(ORACLE)
 	$(PY) scripts/bench_8b.py

@@ -268,3 +268,37 @@ def test_the_docs_count_a_dumps_tensors_as_dump_writes_them(tmp_path, capsys):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         typed = re.findall(r"(\d+) tensors for a", f.read())
     assert typed == [], f"README.md types a dump's tensor count {typed}: docs/porting.md computes it"
+
+
+# ------------------------------------------------------------------------------------------ make 8b-shaped
+
+SHAPED = os.path.join(ROOT, "scripts", "make_8b_shaped.py")
+
+
+def test_make_8b_shaped_outside_the_environment_names_it():
+    # -S: no site-packages, as under a python3 without the project's packages
+    done = subprocess.run([sys.executable, "-S", SHAPED, "--layers", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert one_error_line(done.stderr) and "make 8b-shaped" in done.stderr
+
+
+def test_make_8b_shaped_says_size_and_time_first_and_checks_the_disk(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import shutil
+    spec = importlib.util.spec_from_file_location("make_8b_shaped", SHAPED)
+    shaped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shaped)
+    full = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shaped.shutil, "disk_usage", lambda path: full._replace(free=100 << 20))  # 100 MiB free
+    with pytest.raises(SystemExit) as stopped:
+        shaped.main(["--layers", "1", "--out", str(tmp_path / "cut")])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("writing jetmoe-8b-shaped, 1 layer(s)") and "0.8 GB" in first and " min " in first
+    assert "needs 0.8 GB" in str(stopped.value.code) and "0.1 GB free" in str(stopped.value.code)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_make_has_an_8b_shaped_target():
+    done = subprocess.run(["make", "-n", "8b-shaped"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and ".venv/bin/python scripts/make_8b_shaped.py" in done.stdout, done.stderr
