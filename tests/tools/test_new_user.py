@@ -302,3 +302,19 @@ def test_make_8b_shaped_says_size_and_time_first_and_checks_the_disk(tmp_path, c
 def test_make_has_an_8b_shaped_target():
     done = subprocess.run(["make", "-n", "8b-shaped"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and ".venv/bin/python scripts/make_8b_shaped.py" in done.stdout, done.stderr
+
+
+# ------------------------------------------------------------------------------------------ make test
+
+def test_make_test_lists_each_skip_with_its_reason(tmp_path):
+    """make test's pytest options, on a test that skips as the nvcc compile test does without nvcc: the reason
+    is printed, not only a count."""
+    import shlex
+    done = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    command = next(shlex.split(line) for line in done.stdout.splitlines() if "-m pytest" in line)
+    (tmp_path / "test_skips.py").write_text("import pytest\n\n\n@pytest.mark.skipif(True, reason='nvcc not found "
+                                            "(a stand-in)')\ndef test_compile():\n    pass\n")
+    options = command[command.index("pytest") + 1:]
+    ran = subprocess.run([sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "1 skipped" in ran.stdout and "nvcc not found (a stand-in)" in ran.stdout, ran.stdout
