@@ -318,3 +318,20 @@ def test_make_test_lists_each_skip_with_its_reason(tmp_path):
     ran = subprocess.run([sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "1 skipped" in ran.stdout and "nvcc not found (a stand-in)" in ran.stdout, ran.stdout
+
+
+# ------------------------------------------------------------------------------------------ BLAS threads
+
+@pytest.mark.parametrize("setting, expected", [(None, 1), ("2", 2)])
+def test_the_command_runs_one_blas_thread_unless_told(setting, expected):
+    """docs/benchmarks.md: on a busy 2-core machine one OpenBLAS thread was several times faster; a user's
+    OPENBLAS_NUM_THREADS wins. (The jetmoe command imports jetmoe before NumPy, as this child does.)"""
+    from reference.weights import _blas
+    if _blas is None:
+        pytest.skip("NumPy is not linked against OpenBLAS here: no thread count to check")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if setting:
+        env["OPENBLAS_NUM_THREADS"] = setting
+    done = subprocess.run([sys.executable, "-c", "import jetmoe.cli\nfrom reference.weights import _blas\n"
+                           "print(_blas[1]())"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and int(done.stdout) == min(expected, os.cpu_count()), done.stderr
