@@ -331,8 +331,8 @@ def error_figure(rows, trace_a, trace_b, title, rtol):
     shown = np.maximum(np.nan_to_num(rel, nan=floor), floor)
     errors.semilogy(shown, lw=0.8, color="0.4")
     exact = np.flatnonzero(rel == 0)
-    errors.scatter(exact, shown[exact], s=10, marker="v", color="tab:blue", label="error exactly 0 (drawn at the floor)",
-                   zorder=3)
+    errors.scatter(exact, shown[exact], s=10, marker="v", color="tab:blue", zorder=3,
+                   label="error exactly 0 (drawn at the floor)")
     errors.axhline(floor, color="tab:blue", lw=0.6, ls=":")
     if rtol > 0:
         errors.axhline(rtol, color="black", lw=0.8, ls="--", label=f"tolerance: rtol {rtol:g}")
@@ -356,7 +356,8 @@ def error_figure(rows, trace_a, trace_b, title, rtol):
             grid[i, :len(a)] = a
         image = routing.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
         every = max(1, len(routers) // 24)  # at most 24 labels, each readable
-        labels = [n.replace(".router.top_k_indices", "").replace("layers.", "layer ").replace(".", " ") for n in routers]
+        labels = [n.replace(".router.top_k_indices", "").replace("layers.", "layer ").replace(".", " ")
+                  for n in routers]
         routing.set_yticks(range(0, len(routers), every), labels[::every], fontsize=8)
         routing.xaxis.set_major_locator(MaxNLocator(integer=True))
         routing.set(xlabel="token (N = B*T)", title="routing agreement (share of top-k choices shared)")
