@@ -20,7 +20,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from reference import CheckpointError, JetMoeForCausalLM, files
+from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, files
 from reference.tokenizer import Tokenizer, TokenizerError
 
 # What a user can get wrong: a path or file (FileNotFoundError, CheckpointError, TokenizerError), text that is not
@@ -41,8 +41,8 @@ def load(model_dir, dtype, finite=True):
     """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file. Converting
     the weights at load shows a progress bar when it takes more than a second. finite=False keeps weights that
     hold NaN or inf (debug dump writes what such a model computes)."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    check_model_directory(model_dir)
+    JetMoeConfig.from_pretrained(model_dir)  # a bad config.json is named as such before the tokenizer reads it
     tokenizer = Tokenizer.from_pretrained(model_dir)
     with tqdm(desc="converting weights", unit="B", unit_scale=True, delay=1, leave=False) as bar:
         def progress(done, total, unit):
@@ -51,6 +51,16 @@ def load(model_dir, dtype, finite=True):
         model = JetMoeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], progress=progress, finite=finite)
     tokenizer.check_fits(model.config.vocab_size, f"{model_dir}/tokenizer.json")
     return model, tokenizer
+
+
+def check_model_directory(model_dir):
+    """An error naming what is wrong with a model path: missing, or a file (often its config.json) for the
+    directory that holds it."""
+    if os.path.isfile(model_dir):
+        raise ValueError(f"{model_dir!r} is a file: give the model directory that holds config.json, the weights "
+                         f"and tokenizer.json ({os.path.dirname(model_dir) or '.'!r})")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
 
 
 def training_context(model_dir):
@@ -116,34 +126,34 @@ def check_prompts(prompts):
 
 
 def non_negative_int(text):
-    value = _number(text, int)
+    value = number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
 def positive_int(text):
-    value = _number(text, int)
+    value = number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = _number(text, float)
+    value = number(text, float)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
 def probability(text):
-    value = _number(text, float)
+    value = number(text, float)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
-def _number(text, kind):
+def number(text, kind):
     try:
         return kind(text)
     except ValueError:
@@ -151,10 +161,18 @@ def _number(text, kind):
                                          f"got {text!r}") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one `error:` line that points to --help (not the whole usage block);
+    subcommands' parsers are of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def parser():
     """The whole command line: one subcommand per tool, each module adding its own arguments."""
     from . import debug, evaluate, generate, train
-    top = argparse.ArgumentParser(prog="jetmoe", description=__doc__.split("\n")[0])
+    top = Parser(prog="jetmoe", description=__doc__.split("\n")[0])
     tools = top.add_subparsers(dest="tool", required=True, metavar="{generate,evaluate,debug,train}")
     for module in (generate, evaluate, debug, train):
         name = module.__name__.rsplit(".", 1)[1]

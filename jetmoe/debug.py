@@ -25,11 +25,13 @@ names every independent bug. The exit status is 1 when a row is introduced or in
 """
 
 import bdb
+import dis
 import fnmatch
 import hashlib
 import json
 import math
 import os
+import pdb
 import sys
 from dataclasses import dataclass, field
 
@@ -41,6 +43,7 @@ from reference.generation import generate, positions_from_mask
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
 from . import cli, finite
+from .generate import encode_prompts
 
 LIVE = ("ref", "hf", "gpu")
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -51,6 +54,7 @@ INPUTS = ("input_ids", "attention_mask", "position_ids")
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2}
 PRECISION = ["bfloat16", "float32", "float64"]  # least precise first
 FORMAT = "jetmoe-trace-1"
+DUMP_NAME = "trace.safetensors"  # the file `dump --out DIR` writes inside an existing directory
 
 
 @dataclass
@@ -305,23 +309,45 @@ def format_table(rows, show_all):
     return "\n".join(lines)
 
 
-def plot(rows, trace_a, trace_b, path, title):
-    """Max rel error per named tensor along the forward (log axis; introduced rows and near-ties marked), and a
-    layer x token map of routing agreement: the share of each token's top-k choices the two sides share."""
+def plot(rows, trace_a, trace_b, path, title, rtol):
+    """error_figure(...) written to path as a PNG."""
+    import matplotlib.pyplot as plt
+    fig = error_figure(rows, trace_a, trace_b, title, rtol)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def error_figure(rows, trace_a, trace_b, title, rtol):
+    """Max rel error per named tensor along the forward (log axis, the tolerance as a line, errors of exactly 0 on
+    a marked floor below it, introduced rows named, near-ties marked), and a layer x token map of routing
+    agreement: the share of each token's top-k choices the two sides share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     routers = [r.name for r in rows if r.name.endswith("top_k_indices")]
-    fig, (errors, routing) = plt.subplots(2, 1, figsize=(12, 7), height_ratios=(3, 2), constrained_layout=True)
+    fig, (errors, routing) = plt.subplots(2, 1, figsize=(12, 8), height_ratios=(3, 2), constrained_layout=True)
     rel = np.array([r.max_rel if math.isfinite(r.max_rel) else np.nan for r in rows])
-    floor = np.nanmin(rel[rel > 0]) / 10 if np.any(rel > 0) else 1e-18
-    errors.semilogy(np.maximum(np.nan_to_num(rel, nan=floor), floor), lw=0.8, color="0.4")
+    floor = min([rtol] + list(rel[rel > 0])) / 10 if rtol > 0 or np.any(rel > 0) else 1e-18  # below every error
+    shown = np.maximum(np.nan_to_num(rel, nan=floor), floor)
+    errors.semilogy(shown, lw=0.8, color="0.4")
+    exact = np.flatnonzero(rel == 0)
+    errors.scatter(exact, shown[exact], s=10, marker="v", color="tab:blue", zorder=3,
+                   label="error exactly 0 (drawn at the floor)")
+    errors.axhline(floor, color="tab:blue", lw=0.6, ls=":")
+    if rtol > 0:
+        errors.axhline(rtol, color="black", lw=0.8, ls="--", label=f"tolerance: rtol {rtol:g}")
     for verdict, color in (("introduced", "red"), ("near-tie", "orange"), ("inherited", "0.7")):
         at = [i for i, r in enumerate(rows) if r.verdict == verdict]
-        errors.scatter(at, np.maximum(np.nan_to_num(rel[at], nan=floor), floor), s=18, color=color, label=verdict,
-                       zorder=3)
-    errors.set(title=title, xlabel="trace point, in forward order", ylabel="max rel error")
-    errors.legend(loc="upper left")
+        if at:
+            errors.scatter(at, shown[at], s=18, color=color, label=verdict, zorder=3)
+    for i, row in enumerate(rows):
+        if row.verdict == "introduced":
+            errors.annotate(row.name, (i, shown[i]), xytext=(3, 4), textcoords="offset points", fontsize=8,
+                            rotation=30, color="red")
+    errors.set(title=title, xlabel="trace point, in forward order", ylabel="max rel error",
+               ylim=(floor / 3, max(np.max(shown), rtol) * 300))  # room above for the names
+    errors.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if routers:
         agree = [np.mean(np.sort(np.asarray(trace_a[n]), axis=1) == np.sort(np.asarray(trace_b[n]), axis=1), axis=1)
                  if np.shape(trace_a[n]) == np.shape(trace_b[n]) else np.zeros(len(trace_b[n])) for n in routers]
@@ -330,20 +356,26 @@ def plot(rows, trace_a, trace_b, path, title):
         for i, a in enumerate(agree):
             grid[i, :len(a)] = a
         image = routing.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
-        routing.set_yticks(range(len(routers)), [n.replace(".router.top_k_indices", "") for n in routers],
-                           fontsize=6)
+        every = max(1, len(routers) // 24)  # at most 24 labels, each readable
+        labels = [n.replace(".router.top_k_indices", "").replace("layers.", "layer ").replace(".", " ")
+                  for n in routers]
+        routing.set_yticks(range(0, len(routers), every), labels[::every], fontsize=8)
+        routing.xaxis.set_major_locator(MaxNLocator(integer=True))
         routing.set(xlabel="token (N = B*T)", title="routing agreement (share of top-k choices shared)")
         fig.colorbar(image, ax=routing)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def side_title(side):
+    """A side as a plot title names it: a file by its name, not its (often temporary) directory."""
+    return os.path.basename(side.label) if side.kind == "file" else side.label
 
 
 # ------------------------------------------------------------------------------------------- the commands
 
 def prompt_forwards(args, tokenizer, model):
     """Forwards from --prompt: one forward, or (--max-new-tokens N) generate's N forwards with greedy tokens."""
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     if args.max_new_tokens <= 1:  # one forward (generate's single prefill would keep only the last logits)
         return Forwards([(ids, mask, positions_from_mask(mask))], "--prompt")
     with capture() as trace:
@@ -359,6 +391,7 @@ def writable(path, what):
 
 
 def run_compare(args):
+    cli.check_model_directory(args.model)
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     config = JetMoeConfig.from_pretrained(args.model)
     for side in (a, b):  # a trace file is untrusted: checked against the model before any work
@@ -374,6 +407,9 @@ def run_compare(args):
     forwards = None
     for side in files:
         found = forwards_of(side, notes)
+        if found is not None and args.prompt is not None:
+            raise ValueError(f"--prompt: {side.label} holds the inputs it ran on, and a live side runs on those; "
+                             "leave out --prompt (it is for a file without inputs.input_ids, or two live sides)")
         if found is None and args.prompt is None:
             raise ValueError(f"{side.label} holds no inputs.input_ids: add the token ids it ran on "
                              "(inputs.input_ids [B, T] int64, inputs.attention_mask, inputs.position_ids; "
@@ -405,7 +441,8 @@ def run_compare(args):
         raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
                          "(see README.md 'Trace names')")
     if args.plot:
-        plot(rows, a.trace, b.trace, args.plot, f"{a.label} vs {b.label}{' (--isolate)' if args.isolate else ''}")
+        plot(rows, a.trace, b.trace, args.plot,
+             f"{side_title(a)} vs {side_title(b)}{' (--isolate)' if args.isolate else ''}", rtol)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:
@@ -433,16 +470,24 @@ def run_compare(args):
     print(f"first divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e})")
     if introduced:
         print(f"introduced here: {', '.join(introduced[:12])}{' ...' if len(introduced) > 12 else ''}")
-    if counts["inherited"]:
+    if counts["inherited"] and "ref" in (a.kind, b.kind):
         print("rows after the first divergence inherit its error: --isolate checks each op on its own")
+    elif counts["inherited"]:  # --isolate needs a live reference side
+        print(f"rows after the first divergence inherit its error: `jetmoe debug compare {args.model} {a.label} "
+              "ref --isolate` checks each op of one file on its own")
     return int(failed)
 
 
+def dump_path(out):
+    """--out as given, or DUMP_NAME inside it where it is an existing directory."""
+    return os.path.join(out, DUMP_NAME) if os.path.isdir(out) else out
+
+
 def run_dump(args):
-    writable(args.out, "trace")
+    out = dump_path(args.out)
+    writable(out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype, finite=False)  # a NaN is written as it is, and said
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
     non_finite = []
 
@@ -451,14 +496,14 @@ def run_dump(args):
             non_finite.append(name)
         return value
 
-    with TraceWriter(args.out, metadata) as writer, handling(writer), handling(note_non_finite):
+    with TraceWriter(out, metadata) as writer, handling(writer), handling(note_non_finite):
         if args.max_new_tokens > 1:  # 1: the prefill alone, written as one forward with every logit
             generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens)
         else:
             run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "--prompt"))
     steps = max(args.max_new_tokens - 1, 0)
     print(f"wrote {len(writer)} tensors of input_ids {ids.shape}{f' and {steps} decode steps' if steps else ''}"
-          f" to {args.out}")
+          f" to {out}")
     if non_finite:
         print(f"warning: the trace holds NaN or inf, written as computed; the first is at trace point "
               f"{non_finite[0]}", file=sys.stderr)
@@ -466,15 +511,58 @@ def run_dump(args):
     return 0
 
 
+def assigned_name(frame):
+    """The local that the line running in `frame` assigns its call's result to (`x` in `x = trace.record(...)`),
+    or None: the instruction after the call in progress (frame.f_lasti) is then a store."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    after = [i for i in instructions if i.offset > frame.f_lasti and i.opname not in ("CACHE", "EXTENDED_ARG")]
+    stores = ("STORE_FAST", "STORE_NAME", "STORE_DEREF", "STORE_GLOBAL")
+    return after[0].argval if after and after[0].opname in stores else None
+
+
+class StopPdb(pdb.Pdb):
+    """pdb in the frame that computed a traced tensor, where `value` (and the local the line assigns, which Python
+    binds only when the call returns) hold this stop's tensor, and `name` its trace name."""
+
+    def __init__(self, frame, bound):
+        super().__init__()
+        self.stop_frame, self.bound = frame, bound
+
+    def setup(self, frame, traceback):
+        super().setup(frame, traceback)
+        self._bind()
+
+    def _select_frame(self, number):  # `up` and `down` reread the frame's locals: bind again
+        super()._select_frame(number)
+        self._bind()
+
+    def _bind(self):  # a copy: reading frame.f_locals again would reset the locals the call has not bound yet
+        if self.curframe is self.stop_frame:
+            self.curframe_locals = {**self.curframe.f_locals, **self.bound}
+
+
+def pdb_stop(name, value, frame):
+    """`debug step`'s stop: tracing.pdb_at's pdb, with this stop's values bound (StopPdb)."""
+    target = assigned_name(frame)
+    bound = {"value": value, "name": name, **({target: value} if target else {})}
+    print(f"\n> trace point {name} {tuple(value.shape)} {value.dtype}, computed in {frame.f_code.co_name}() at "
+          f"{frame.f_code.co_filename}:{frame.f_lineno}\n  `value`{f' and `{target}`' if target else ''} hold it, "
+          "`name` its name; c: next stop, q: quit")
+    debugger = StopPdb(frame, bound)
+    debugger.reset()
+    debugger.interaction(frame, None)
+    if debugger.quitting:
+        raise bdb.BdbQuit
+
+
 def run_step(args):
     model, tokenizer = cli.load(args.model, args.dtype)
-    cli.check_prompts(args.prompt)
-    ids, mask = tokenizer.encode_batch(args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     matched = []
 
     def stop(name, value, frame):
         matched.append(name)
-        return tracing.pdb_at(name, value, frame)
+        return pdb_stop(name, value, frame)
 
     try:
         with tracing.breakpoint(args.break_at, callback=stop):
@@ -495,7 +583,8 @@ def add_arguments(parser):
     commands = parser.add_subparsers(dest="command", required=True)
     texts = {"compare": "compare every named tensor of two implementations (trace files, ref, hf, gpu)",
              "dump": "write the reference trace, with its inputs, to safetensors (layer by layer)",
-             "step": "stop in pdb at each trace point matching --break"}
+             "step": "stop in pdb at each trace point matching --break: `value` (and the local its line assigns) "
+                     "holds the tensor, `name` its trace name"}
     for name, run in (("compare", run_compare), ("dump", run_dump), ("step", run_step)):
         sub = commands.add_parser(name, help=texts[name], description=texts[name])
         sub.add_argument("model", help="a Hugging Face JetMoE directory (config.json, weights, tokenizer.json)")
@@ -522,7 +611,8 @@ def add_arguments(parser):
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
         if name == "dump":
-            sub.add_argument("--out", required=True, help="the .safetensors file to write")
+            sub.add_argument("--out", required=True,
+                             help=f"the .safetensors file to write (an existing directory: {DUMP_NAME} inside it)")
         if name == "step":
             sub.add_argument("--break", dest="break_at", required=True, metavar="GLOB",
                              help="trace names to stop at, e.g. 'layers.1.mlp.*'")

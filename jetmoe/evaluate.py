@@ -13,6 +13,8 @@ import argparse
 import math
 import os
 
+from tqdm import tqdm
+
 from reference import files
 from reference.losses import mean_loss
 
@@ -31,11 +33,20 @@ def read_text(path):
 
 def context_length(text):
     """--context: a window predicts from its second token on, so it needs at least 2."""
-    value = cli.positive_int(text)
+    value = cli.number(text, int)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be an integer >= 2 (a window of one token predicts nothing), "
-                                             f"got {text}")
+                                         f"got {text}")
     return value
+
+
+def with_progress(model, bar):
+    """model's forward, advancing bar by the tokens of each batch it scores (mean_loss calls only the forward)."""
+    def forward(**inputs):
+        out = model(**inputs)
+        bar.update(inputs["input_ids"].size)
+        return out
+    return forward
 
 
 def add_arguments(parser):
@@ -59,7 +70,8 @@ def main(args):
     if context > limit:
         raise ValueError(f"--context {context} is longer than max_position_embeddings={limit} of {args.model}")
     ids = tokenizer.encode(text)
-    loss, count = mean_loss(model, ids, context, args.batch)
+    with tqdm(total=len(ids), desc="scoring", unit="tok", unit_scale=True, disable=None) as bar:  # stderr, TTY only
+        loss, count = mean_loss(with_progress(model, bar), ids, context, args.batch)
     finite.check_loss(loss, model, ids, context)
     print(f"tokens:     {count} predicted ({len(ids)} in windows of up to {context})")
     print(f"loss:       {loss:.4f} nats/token")

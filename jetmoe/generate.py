@@ -3,7 +3,8 @@
     jetmoe generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:" --max-new-tokens 200
 
 Works on any Hugging Face JetMoE directory (config.json, model.safetensors or shards, tokenizer.json). Several
---prompt flags make one left-padded batch (printed when all are done; a single prompt streams). It ends with the
+--prompt flags make one left-padded batch, printed when all are done (B texts growing at once cannot share one
+terminal stream); a single prompt streams. It ends with the
 speed (tokens/s) and the expert load: the share of top-k choices each expert of each layer got on the text.
 The same --seed gives the same text for the same prompts: a batch draws from one Generator, row after row, so a
 prompt in a batch gets other draws than the same prompt alone.
@@ -60,7 +61,11 @@ def main(args):
     config = model.config
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, config, args.model)
     warn_past_training_context(int(mask.sum(axis=1).max()) + args.max_new_tokens, args.model)
+    warn_unlearned_characters(args.prompt, tokenizer)
     streaming = len(args.prompt) == 1
+    if not streaming:
+        print(f"{len(args.prompt)} prompts: each text is printed when the batch is done (rows growing at once cannot "
+              "share one stream; one --prompt streams)", file=sys.stderr)
     stream = tokenizer.stream(ids[0, mask[0] == 1])  # knows the prompt, so the first word keeps its space
     if streaming:
         print(args.prompt[0], end="", flush=True)
@@ -96,13 +101,41 @@ def main(args):
                       output_router_logits=True, use_cache=False)
     load = expert_load(out.router_logits, config.num_experts_per_tok, keep=full_mask.reshape(-1) == 1)
     print(format_expert_load(load, config.num_hidden_layers), file=sys.stderr)
+    print(expert_load_footer(int(full_mask.sum()), config), file=sys.stderr)
     return 0
+
+
+# Fewer top-k choices per expert than this on average, and a 0% cell is chance, not a dead expert (at 10 and uniform
+# routing, an expert gets no choice with probability (1 - 1/E)^(10 E), under 1e-4 for E = 8).
+MIN_CHOICES_PER_EXPERT = 10
+
+
+def expert_load_footer(tokens, config):
+    """The count behind the expert-load table's shares; a run too short to call an expert dead says so."""
+    choices = tokens * config.num_experts_per_tok
+    line = f"on {tokens} tokens: {choices} top-k choices per router"
+    enough = -(-MIN_CHOICES_PER_EXPERT * config.num_local_experts // config.num_experts_per_tok)  # tokens
+    if tokens < enough:
+        line += (f"; too few to judge an expert: a 0% cell is 0 of these {choices} choices, not a dead expert "
+                 f"({enough}+ tokens give each expert {MIN_CHOICES_PER_EXPERT} choices on average)")
+    return line
 
 
 def generated_length(row, config):
     # row: [new] -> tokens up to and including the first eos (the rest is padding added after it)
     ends = np.flatnonzero(np.isin(row, config.eos_token_ids))
     return int(ends[0]) + 1 if ends.size else row.size
+
+
+def warn_unlearned_characters(prompts, tokenizer):
+    """One warning for the prompts' characters the tokenizer learned no token for: they go in as raw bytes, which
+    a model trained on ASCII text (the bundled one: its model card) never saw."""
+    unlearned = sorted({c for prompt in prompts for c in prompt if not c.isascii()
+                        and not any(c in tokenizer.decode([i]) for i in tokenizer.encode(c))})
+    if unlearned:
+        print(f"warning: the tokenizer learned no token for {', '.join(map(repr, unlearned))}: they go in as raw "
+              "bytes the model likely never saw in training (an ASCII-only tokenizer), and the text near them "
+              "suffers", file=sys.stderr)
 
 
 def warn_past_training_context(total_tokens, model_dir):

