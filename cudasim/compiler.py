@@ -20,7 +20,7 @@ CACHE = os.environ.get("CUDASIM_CACHE") or os.path.join(os.path.dirname(os.path.
 CXX = os.environ.get("CXX", "g++")
 # -ffp-contract=off: a * b + c is never fused (only explicit fmaf is); NVRTC's default --fmad=true may fuse, see
 # docs/gpu.md. -fno-fast-math keeps IEEE semantics; -march=native gives the CPU's fma instruction to fmaf.
-CXXFLAGS = ("-std=c++17", "-O2", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-g",
+CXXFLAGS = ("-std=gnu++17", "-O2", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-g",
             "-Wno-unknown-pragmas", "-Wno-attributes")
 MMA_BF16 = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 
@@ -256,7 +256,7 @@ def kernel_names(source, flags):
         path = os.path.join(tmp, "scan.cu")
         with open(path, "w") as f:
             f.write(source)
-        done = subprocess.run([CXX, "-E", "-x", "c++", "-std=c++17", "-DCUDASIM_SCAN", f"-I{RUNTIME}", "-include",
+        done = subprocess.run([CXX, "-E", "-x", "c++", "-std=gnu++17", "-DCUDASIM_SCAN", f"-I{RUNTIME}", "-include",
                                "cudasim.h", *flags, path], capture_output=True, text=True)
     if done.returncode != 0:
         raise CompileError(f"{CXX} -E failed:\n{done.stderr.strip()}")
