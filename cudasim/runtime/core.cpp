@@ -254,8 +254,9 @@ void resolve(int warp, unsigned mask) {
             int src;
             shuffle_source(lanes[lane], &src);
             if (!(mask >> src & 1u)) {
-                fail_here("%s at line %d: lane %d reads lane %d, which mask 0x%08x does not name (its value is "
-                          "undefined)", lanes[lane].what, lanes[lane].line, lane, src, mask);
+                fail_here("%s at line %d: lane %d reads lane %d, which mask 0x%08x does not name (lane %d takes no "
+                          "part, so the value is undefined; a mask must name every lane that calls it)",
+                          lanes[lane].what, lanes[lane].line, lane, src, mask, src);
             }
             lanes[lane].result = lanes[src].value;
         }
