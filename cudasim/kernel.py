@@ -68,6 +68,8 @@ class RawKernel:
                     slots.append(struct.pack("Q", value._a.__array_interface__["data"][0]))
                 elif value is None:
                     slots.append(struct.pack("Q", 0))
+                elif isinstance(value, np.integer) and value.dtype.itemsize == 8:
+                    slots.append(struct.pack("Q", int(value) & (2**64 - 1)))  # a raw address (np.uint64(0): null)
                 elif isinstance(value, np.ndarray):
                     raise TypeError(f"{where} is a host NumPy array; pass a device array")
                 else:
