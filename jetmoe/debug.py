@@ -36,7 +36,7 @@ import numpy as np
 
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
-from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
+from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
 
 from . import cli
 
@@ -180,6 +180,9 @@ def live_trace(side, model, model_dir, forwards):
         model = cli.load(model_dir, side.dtype)[0]
     with capture() as trace:
         run_forwards(model, forwards)
+    if side.kind == "gpu":  # the twin records device arrays; the comparison runs on the host
+        for name in list(trace):
+            trace[name] = to_numpy(trace[name])
     return trace
 
 
@@ -433,7 +436,7 @@ def run_compare(args):
 
 def run_dump(args):
     writable(args.out, "trace")
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     cli.check_prompts(args.prompt)
     ids, mask = tokenizer.encode_batch(args.prompt)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
@@ -449,7 +452,7 @@ def run_dump(args):
 
 
 def run_step(args):
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     cli.check_prompts(args.prompt)
     ids, mask = tokenizer.encode_batch(args.prompt)
     matched = []
@@ -503,6 +506,10 @@ def add_arguments(parser):
             sub.add_argument("--all", action="store_true", help="print every row")
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+        if name != "compare":  # compare names its sides (ref, gpu, ...) instead
+            sub.add_argument("--device", choices=cli.DEVICES, default="cpu",
+                             help="cpu: the NumPy reference (default); gpu: the CuPy twin (JETMOE_GPU=emulate: on "
+                                  "the CPU emulator)")
         if name == "dump":
             sub.add_argument("--out", required=True, help="the .safetensors file to write")
         if name == "step":

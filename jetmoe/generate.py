@@ -56,7 +56,7 @@ def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
 
 
 def main(args):
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     config = model.config
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, config, args.model)
     warn_past_training_context(int(mask.sum(axis=1).max()) + args.max_new_tokens, args.model)
