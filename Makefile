@@ -95,7 +95,8 @@ bench-8b: $(ORACLE)
 	$(PY) scripts/bench_8b.py
 
 # gpu-check: on a CUDA machine, the GPU parity suite on the GPU and on the CPU emulator, side by side, + benchmark
-# -> build/gpu_report.md (uses the machine's python3, which must have CuPy; scripts/gpu_check.py installs what is missing where a package index is reachable).
+# -> build/gpu_report.md (uses the machine's python3, which must have CuPy; scripts/gpu_check.py installs what is
+# missing where a package index is reachable).
 gpu-check:
 	python3 scripts/gpu_check.py
 
