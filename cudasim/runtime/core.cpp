@@ -26,7 +26,8 @@
 #include "cudasim_abi.h"
 
 // ------------------------------------------------------------------------------------------------ fibers
-// x86-64 System V: save the callee-saved registers, MXCSR and the x87 control word on the old stack, switch rsp.
+// x86-64 System V: save the callee-saved registers on the old stack, switch rsp. MXCSR and the x87 control word are
+// not switched: every fiber of a launch runs with the launch's (flush-to-zero set once in cudasim_launch).
 extern "C" void cudasim_switch(void** save_sp, void* new_sp);
 extern "C" void cudasim_fiber_start();
 asm(R"(
@@ -40,14 +41,8 @@ cudasim_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -129,9 +124,20 @@ void describe_thread(const Fiber& f, char* buf, size_t n) {
              f.t.threadIdx.z, cudasim_blockIdx.x, cudasim_blockIdx.y, cudasim_blockIdx.z, f.warp, f.lane);
 }
 
-// Back to the scheduler; returns when the scheduler resumes this fiber.
+// Gives the CPU to the next runnable fiber of the block (or back to the scheduler when there is none after this
+// one); returns when this fiber is resumed.
 void yield_to_scheduler() {
     Fiber* f = current();
+    if (!L->failed) {
+        for (size_t i = f->linear + 1; i < L->fibers.size(); ++i) {
+            Fiber& next = L->fibers[i];
+            if (next.state == RUNNABLE) {
+                cudasim_cur = &next.t;
+                cudasim_switch(&f->sp, next.sp);
+                return;
+            }
+        }
+    }
     cudasim_switch(&f->sp, L->scheduler_sp);
 }
 
@@ -302,7 +308,6 @@ void init_fiber(Fiber& f) {
     *--sp = reinterpret_cast<void*>(&fiber_main);                      // r13: function
     *--sp = nullptr;                                                   // r14
     *--sp = nullptr;                                                   // r15
-    *--sp = reinterpret_cast<void*>(uint64_t(FTZ_MXCSR) | (uint64_t(0x037F) << 32));  // mxcsr, x87 control word
     f.sp = sp;
     f.state = RUNNABLE;
 }
@@ -498,6 +503,7 @@ int cudasim_launch(void (*entry)(void**), void** args, const char* kernel, const
     cudasim_gridDim = {grid[0], grid[1], grid[2]};
     unsigned saved_mxcsr;
     asm volatile("stmxcsr %0" : "=m"(saved_mxcsr));
+    asm volatile("ldmxcsr %0" : : "m"(FTZ_MXCSR));
     int status = 0;
     if (sigsetjmp(fault_env, 1) == 0) {
         in_launch = 1;
