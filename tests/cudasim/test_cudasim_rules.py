@@ -90,6 +90,14 @@ extern "C" __global__ void uses_unsupported_ptx(float* out) {
     out[threadIdx.x] = v;
 }
 
+extern "C" __global__ void counts_and_masks(int* out) {
+    const int count = __syncthreads_count(threadIdx.x % 3 == 0);
+    const int all = __syncthreads_and(threadIdx.x < 1000);
+    const int any = __syncthreads_or(threadIdx.x == 63);
+    if (threadIdx.x % 32 >= 24) return;  // whole-warp barriers are done: these lanes may leave
+    out[threadIdx.x] = count * 100 + all * 10 + any + (int)(__activemask() >> (threadIdx.x % 32) & 1u) * 1000;
+}
+
 extern "C" __global__ void denormal_flush(const float* x, float* out) {
     out[threadIdx.x] = x[threadIdx.x] * 0.5f;
 }
@@ -202,6 +210,14 @@ def test_unsupported_ptx_is_an_error_naming_it(module):
 def test_unsupported_intrinsic_is_a_compile_error_naming_it():
     with pytest.raises(cp.CompileError, match="__nanosleep"):
         cp.RawModule(code='extern "C" __global__ void k() { __nanosleep(10); }')
+
+
+def test_barrier_reductions_and_the_active_mask(module):
+    out = cp.full(64, -1, cp.int32)
+    module.get_function("counts_and_masks")((1,), (64,), (out,))
+    got = out.get().reshape(2, 32)
+    assert (got[:, 24:] == -1).all()
+    assert (got[:, :24] == 22 * 100 + 10 + 1 + 1000).all()  # 22 of 0..63 are multiples of 3
 
 
 def test_denormals_are_flushed(module):
