@@ -12,11 +12,15 @@ over the same bugs: races there depend on timing); on a CUDA machine they run un
 import numpy as np
 import pytest
 
+import os
+
 import gpu.kernels
 from gpu import experts, linear, norm, routing
 from gpu.device import emulated, require_cupy
+from gpu.model import JetMoeForCausalLM as GpuCausalLM
 
 from gpu_helpers import cp
+from paths import GOLDEN, GOLDEN_NAMES
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -172,3 +176,17 @@ def test_unmodified_kernels_are_independent_of_block_order(seed, monkeypatch):
         for name, value in results[order].items():
             assert np.array_equal(value, results["forward"][name], equal_nan=True), \
                 f"{name} differs between forward and {order} block order"
+
+
+def test_the_whole_model_is_independent_of_block_order(monkeypatch):
+    # every kernel the twin launches (norm, linear, rope, routing and its plan, the expert paths a forward picks,
+    # combine, attention prefill and decode, the KV cache writes), in a forward and a captured greedy decode
+    model = GpuCausalLM.from_pretrained(os.path.join(GOLDEN, GOLDEN_NAMES[0]))
+    ids = np.arange(1, 12, dtype=np.int64)[None] % model.config.vocab_size
+    results = {}
+    for order in ORDERS:
+        monkeypatch.setenv("CUDASIM_BLOCK_ORDER", order)
+        results[order] = (model(input_ids=ids).logits.get(), model.generate(ids, max_new_tokens=4).get())
+    for order in ORDERS[1:]:
+        assert np.array_equal(results[order][0], results["forward"][0]), f"logits differ in {order} block order"
+        assert np.array_equal(results[order][1], results["forward"][1]), f"tokens differ in {order} block order"
