@@ -44,3 +44,8 @@ for _name in ("exp", "log", "sqrt", "abs", "maximum", "minimum", "isfinite", "is
               "greater", "floor", "ceil", "round", "log1p", "expm1", "sign", "negative"):
     if _name not in globals():
         globals()[_name] = _device_function(_name)
+
+
+def __getattr__(name):
+    raise AttributeError(f"cudasim does not provide cupy.{name}: the CPU emulator covers the CuPy API its users "
+                         "call (see cudasim/README.md); add it there, or run on CuPy")

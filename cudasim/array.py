@@ -120,6 +120,12 @@ class ndarray:
     def __len__(self):
         return len(self._a)
 
+    def __getattr__(self, name):  # only for names the class does not define
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"cudasim.ndarray does not provide .{name} (the CPU emulator covers the CuPy array API "
+                             "its users call)")
+
     def __repr__(self):
         return "cudasim." + repr(self._a) if streams.capturing_stream() is None else "<cudasim.ndarray (capturing)>"
 

@@ -54,3 +54,7 @@ runtime = types.SimpleNamespace(
 )
 memory = types.SimpleNamespace(OutOfMemoryError=memory_module.OutOfMemoryError, MemoryPointer=MemoryPointer,
                                Memory=memory_module.Memory)
+
+
+def __getattr__(name):
+    raise AttributeError(f"cudasim does not provide cupy.cuda.{name}")

@@ -94,3 +94,12 @@ def test_host_and_device_arrays_stay_apart():
         np.asarray(cp.zeros(3))
     with pytest.raises(TypeError, match="NumPy array in a device operation"):
         cp.zeros(3) + np.ones(3)
+
+
+def test_unsupported_cupy_calls_name_themselves():
+    with pytest.raises(AttributeError, match=r"cudasim does not provide cupy.fft"):
+        cp.fft
+    with pytest.raises(AttributeError, match=r"cudasim does not provide cupy.cuda.texture"):
+        cp.cuda.texture
+    with pytest.raises(AttributeError, match=r"cudasim.ndarray does not provide .toDlpack"):
+        cp.zeros(2).toDlpack()
