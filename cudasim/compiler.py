@@ -186,6 +186,15 @@ def _emulated_call(template, operands):
         if [len(g) for g in groups] == [4, 4, 2, 4]:
             d, a, b, c = ([operands[n][1] for n in g] for g in groups)
             return f"cudasim::mma_m16n8k16_bf16(__LINE__, {', '.join(d + a + b + c)});"
+    m = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x([124])(\.trans)?\.shared(::cta)?\.b16", opcode)
+    if m:
+        count, trans = int(m.group(1)), int(bool(m.group(2)))
+        dests = [int(n) for n in re.findall(r"%(\d+)", re.search(r"\{([^}]*)\}", instruction).group(1))]
+        address = re.search(r"\[\s*%(\d+)\s*\]", instruction)
+        if len(dests) == count and address:
+            stores = " ".join(f"{operands[n][1]} = cudasim_ld[{j}];" for j, n in enumerate(dests))
+            return (f"{{ unsigned cudasim_ld[4]; cudasim::ldmatrix(__LINE__, {count}, {trans}, "
+                    f"(unsigned)({operands[int(address.group(1))][1]}), cudasim_ld); {stores} }}")
     return f'cudasim_fail(__LINE__, "unsupported inline PTX under cudasim: {opcode}");'
 
 

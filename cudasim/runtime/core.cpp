@@ -80,6 +80,8 @@ struct Fiber {
     uint64_t value, result;
     const float* mma_in;     // 10 words: a0..a3, b0, b1 (bits), c0..c3 (floats)
     float mma_out[4];
+    const void* ld_row;      // ldmatrix: the 16-byte row this lane addresses
+    unsigned ld_out[4];
 };
 
 struct Warp {
@@ -229,6 +231,24 @@ void mma_m16n8k16_bf16(Fiber* lanes) {
     }
 }
 
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 (PTX ISA): lanes 8j..8j+7 address the rows of matrix j;
+// lane L receives, in register j, matrix j's elements (row L / 4, columns 2 (L % 4) and + 1), lower half first;
+// .trans gives the transposed matrix's.
+void ldmatrix(Fiber* lanes, int count, bool trans) {
+    for (int lane = 0; lane < 32; ++lane) {
+        const int r = lane / 4, c = 2 * (lane % 4);
+        for (int j = 0; j < count; ++j) {
+            auto at = [&](int row, int col) {
+                uint16_t v;
+                memcpy(&v, static_cast<const char*>(lanes[8 * j + row].ld_row) + 2 * col, 2);
+                return static_cast<unsigned>(v);
+            };
+            const unsigned lo = trans ? at(c, r) : at(r, c), hi = trans ? at(c + 1, r) : at(r, c + 1);
+            lanes[lane].ld_out[j] = lo | (hi << 16);
+        }
+    }
+}
+
 void resolve(int warp, unsigned mask) {
     Fiber* lanes = &L->fibers[warp * 32];
     Warp& w = L->warps[warp];
@@ -247,6 +267,9 @@ void resolve(int warp, unsigned mask) {
     if (op == CUDASIM_MMA) {
         if (mask != 0xffffffffu) fail_here("mma.sync at line %d needs all 32 lanes", first->line);
         mma_m16n8k16_bf16(lanes);
+    } else if (op == CUDASIM_LDMATRIX) {
+        if (mask != 0xffffffffu) fail_here("ldmatrix at line %d needs all 32 lanes", first->line);
+        ldmatrix(lanes, first->arg & 0xff, (first->arg & 0x100) != 0);
     } else if (op == CUDASIM_BALLOT || op == CUDASIM_ANY || op == CUDASIM_ALL) {
         unsigned ballot = 0;
         for (int lane = 0; lane < 32; ++lane)
@@ -559,6 +582,14 @@ void cudasim_mma(int line, const float* in10, float* out4) {
     f->mma_in = in10;
     collective(CUDASIM_MMA, line, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", 0xffffffffu, 0, 0, 32);
     memcpy(out4, f->mma_out, 16);
+}
+
+void cudasim_ldmatrix(int line, int count, int trans, const void* row, unsigned* out4) {
+    Fiber* f = current();
+    f->ld_row = row;
+    collective(CUDASIM_LDMATRIX, line, "ldmatrix.sync.aligned.m8n8.shared.b16", 0xffffffffu, 0,
+               count | (trans ? 0x100 : 0), 32);
+    memcpy(out4, f->ld_out, 4 * count);
 }
 
 unsigned cudasim_activemask() {

@@ -87,6 +87,17 @@ inline void mma_m16n8k16_bf16(int line, float& d0, float& d1, float& d2, float& 
 }
 }  // namespace cudasim
 
+// ldmatrix addresses shared memory by 32-bit offsets (__cvta_generic_to_shared): here, offsets from a per-module
+// anchor (the module's statics, its shared memory, lie within 2 GiB of it).
+namespace cudasim {
+static char shared_anchor;
+inline void ldmatrix(int line, int count, int trans, unsigned address, unsigned* out) {
+    cudasim_ldmatrix(line, count, trans, &shared_anchor + static_cast<int>(address), out);
+}
+}  // namespace cudasim
+#define __cvta_generic_to_shared(p) \
+    static_cast<size_t>(static_cast<unsigned>(reinterpret_cast<const char*>(p) - &cudasim::shared_anchor))
+
 // ------------------------------------------------------------------------------------ float and bit math
 // float32 as NVRTC compiles it with -ftz: the core runs kernels with flush-to-zero and denormals-are-zero set.
 // The _rn intrinsics round once, as IEEE operations do; the module is compiled with -ffp-contract=off, so only
