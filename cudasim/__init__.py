@@ -13,7 +13,7 @@ import numpy as _np
 from . import cuda, random  # noqa: F401
 from .array import (arange, array, asarray, ascontiguousarray, asnumpy, empty, empty_like, full, full_like,  # noqa
                     ndarray, ones, zeros, zeros_like)
-from .kernel import KernelError, RawKernelFromSource, RawModule  # noqa: F401
+from .kernel import KernelError, RawModule  # noqa: F401
 from .memory import get_default_memory_pool  # noqa: F401
 from .compiler import CompileError  # noqa: F401
 

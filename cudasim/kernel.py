@@ -155,6 +155,3 @@ class RawModule:
             self._kernels[name] = RawKernel(self, name)
         return self._kernels[name]
 
-
-def RawKernelFromSource(code, name, options=()):
-    return RawModule(code=code, options=options).get_function(name)

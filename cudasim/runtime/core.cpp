@@ -178,7 +178,8 @@ extern "C" void fiber_main(Fiber* f) {
 
 // ---------------------------------------------------------------------------------------- warp collectives
 
-uint64_t shuffle_source(const Fiber& f, int* src_out) {
+// The lane a shuffle reads (its own when the source falls outside its width-lane segment, as CUDA defines).
+int shuffle_source(const Fiber& f) {
     const int width = f.width;
     const int seg = f.lane & ~(width - 1);
     int src = f.lane;
@@ -188,8 +189,7 @@ uint64_t shuffle_source(const Fiber& f, int* src_out) {
         case CUDASIM_SHFL_DOWN: src = f.lane + f.arg >= seg + width ? f.lane : f.lane + f.arg; break;
         case CUDASIM_SHFL_XOR: src = f.lane ^ f.arg; if (src >= seg + width || src < seg) src = f.lane; break;
     }
-    *src_out = src;
-    return 0;
+    return src;
 }
 
 void mma_m16n8k16_bf16(Fiber* lanes) {
@@ -280,8 +280,7 @@ void resolve(int warp, unsigned mask) {
     } else if (op != CUDASIM_SYNCWARP) {
         for (int lane = 0; lane < 32; ++lane) {
             if (!(mask >> lane & 1u)) continue;
-            int src;
-            shuffle_source(lanes[lane], &src);
+            const int src = shuffle_source(lanes[lane]);
             if (!(mask >> src & 1u)) {
                 fail_here("%s at line %d: lane %d reads lane %d, which mask 0x%08x does not name (lane %d takes no "
                           "part, so the value is undefined; a mask must name every lane that calls it)",
