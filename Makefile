@@ -46,11 +46,12 @@ $(NOTEBOOKS): $(ORACLE)
 	$(PIP) install --quiet -e ".[test,oracle,notebooks]"
 	touch $(NOTEBOOKS)
 
-# test: the whole suite without torch (tests/reference, tests/gpu/host, tests/tools, tests/test_layout.py; oracle
-# tests are deselected, requires_gpu tests skip without a GPU). Where nvcc is installed it also compiles every
-# gpu/kernels/*.cu for sm_80 and sm_90 and writes the ptxas resource report to build/kernel_resources.txt; without
-# it that test skips (docs/testing.md: what it adds). Every skip is listed with its reason (-rs); the output ends
-# with pytest's summary, and make fails when pytest does.
+# test: the whole suite without torch (tests/reference, tests/gpu, tests/cudasim, tests/security, tests/notebooks,
+# tests/tools, tests/test_layout.py; oracle tests are deselected). Without a CUDA GPU the requires_gpu tests run on
+# the CPU emulator, cudasim, its kernel builds cached in build/cudasim-cache (docs/gpu.md). Where nvcc is installed
+# it also compiles every gpu/kernels/*.cu for sm_80 and sm_90 and writes the ptxas resource report to
+# build/kernel_resources.txt; without it that test skips (docs/testing.md: what it adds). Every skip is listed with
+# its reason (-rs); the output ends with pytest's summary, and make fails when pytest does.
 test: $(STAMP)
 	@if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
 		echo "ptxas resource report (nvcc compile test): build/kernel_resources.txt"; \
@@ -120,8 +121,9 @@ bench-cpu: $(ORACLE)
 bench-8b: $(ORACLE)
 	$(PY) scripts/bench_8b.py
 
-# gpu-check: on a CUDA machine, the GPU parity suite + benchmark -> build/gpu_report.md (uses the machine's python3,
-# which must have CuPy; scripts/gpu_check.py installs what is missing where a package index is reachable).
+# gpu-check: on a CUDA machine, the GPU parity suite on the GPU and on the CPU emulator, side by side, + benchmark
+# -> build/gpu_report.md (uses the machine's python3, which must have CuPy; scripts/gpu_check.py installs what is
+# missing where a package index is reachable).
 gpu-check:
 	python3 scripts/gpu_check.py
 

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, files
 from reference.tokenizer import Tokenizer, TokenizerError
 
+from .device import DEVICES, load_gpu
+
 # What a user can get wrong: a path or file (FileNotFoundError, CheckpointError, TokenizerError), text that is not
 # UTF-8 (UnicodeDecodeError) or a value the model rejects (ValueError, e.g. a bad config.json), each with a message
 # that names it; reported as `error: ...` and exit status 1.
@@ -35,15 +37,22 @@ def add_model_arguments(parser):
                         help="a Hugging Face JetMoE directory: config.json, model.safetensors (or shards), "
                              "tokenizer.json")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="cpu: the NumPy reference (default); gpu: the CuPy twin (JETMOE_GPU=emulate runs it on "
+                             "the CPU emulator)")
 
 
-def load(model_dir, dtype, finite=True):
+def load(model_dir, dtype, device="cpu", finite=True):
     """(JetMoeForCausalLM, Tokenizer) from an HF directory; errors name the missing directory or file. Converting
     the weights at load shows a progress bar when it takes more than a second. finite=False keeps weights that
-    hold NaN or inf (debug dump writes what such a model computes)."""
+    hold NaN or inf (debug dump writes what such a model computes). device="gpu": the CuPy twin (jetmoe/device.py)."""
     check_model_directory(model_dir)
     JetMoeConfig.from_pretrained(model_dir)  # a bad config.json is named as such before the tokenizer reads it
     tokenizer = Tokenizer.from_pretrained(model_dir)
+    if device == "gpu":
+        model = load_gpu(model_dir, dtype)
+        tokenizer.check_fits(model.config.vocab_size, f"{model_dir}/tokenizer.json")
+        return model, tokenizer
     with tqdm(desc="converting weights", unit="B", unit_scale=True, delay=1, leave=False) as bar:
         def progress(done, total, unit):
             bar.total = total

@@ -40,7 +40,7 @@ import numpy as np
 from reference import JetMoeConfig, files
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
-from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
+from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
 
 from . import cli, finite
 from .generate import encode_prompts
@@ -185,6 +185,9 @@ def live_trace(side, model, model_dir, forwards):
         model = cli.load(model_dir, side.dtype)[0]
     with capture() as trace:
         run_forwards(model, forwards)
+    if side.kind == "gpu":  # the twin records device arrays; the comparison runs on the host
+        for name in list(trace):
+            trace[name] = to_numpy(trace[name])
     return trace
 
 
@@ -486,7 +489,7 @@ def dump_path(out):
 def run_dump(args):
     out = dump_path(args.out)
     writable(out, "trace")
-    model, tokenizer = cli.load(args.model, args.dtype, finite=False)  # a NaN is written as it is, and said
+    model, tokenizer = cli.load(args.model, args.dtype, args.device, finite=False)  # a NaN is written, and said
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     metadata = {"format": FORMAT, "dtype": args.dtype, "config_sha256": config_sha256(args.model)}
     non_finite = []
@@ -556,7 +559,7 @@ def pdb_stop(name, value, frame):
 
 
 def run_step(args):
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, model.config, args.model)
     matched = []
 
@@ -610,6 +613,10 @@ def add_arguments(parser):
             sub.add_argument("--all", action="store_true", help="print every row")
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+        if name != "compare":  # compare names its sides (ref, gpu, ...) instead
+            sub.add_argument("--device", choices=cli.DEVICES, default="cpu",
+                             help="cpu: the NumPy reference (default); gpu: the CuPy twin (JETMOE_GPU=emulate: on "
+                                  "the CPU emulator)")
         if name == "dump":
             sub.add_argument("--out", required=True,
                              help=f"the .safetensors file to write (an existing directory: {DUMP_NAME} inside it)")

@@ -64,7 +64,7 @@ def main(args):
     if not text.strip():
         raise ValueError(f"{args.text_file} holds no text")
     trained = cli.training_context(args.model)  # None where the directory (or its train_log.json) is missing
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     limit = model.config.max_position_embeddings
     context = args.context or trained or min(limit, 512)
     if context > limit:

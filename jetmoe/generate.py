@@ -57,7 +57,7 @@ def encode_prompts(tokenizer, prompts, max_new_tokens, config, model_dir):
 
 
 def main(args):
-    model, tokenizer = cli.load(args.model, args.dtype)
+    model, tokenizer = cli.load(args.model, args.dtype, args.device)
     config = model.config
     ids, mask = encode_prompts(tokenizer, args.prompt, args.max_new_tokens, config, args.model)
     warn_past_training_context(int(mask.sum(axis=1).max()) + args.max_new_tokens, args.model)
@@ -79,9 +79,10 @@ def main(args):
                     seed=args.seed) if args.temperature > 0 else dict(do_sample=False)
     started = time.perf_counter()
     with cli.PeakMemory() as peak:
+        # the reference checks each step's logits; the twin's steps are replays of one CUDA graph (gpu/graph.py)
+        checked = dict(stepper=finite.checked_stepper) if args.device == "cpu" else {}
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                streamer=print_new_text if streaming else None, stepper=finite.checked_stepper,
-                                **sampling)
+                                streamer=print_new_text if streaming else None, **checked, **sampling)
     seconds = time.perf_counter() - started
     new = tokens[:, ids.shape[1]:]  # [B, new]
     lengths = np.array([generated_length(row, config) for row in new])  # [B]: the pads after an eos excluded

@@ -1,6 +1,9 @@
 """`make gpu-check`: on a CUDA machine, run the whole GPU parity suite and the GPU benchmark, and write a markdown
 report (device, versions, parity table, speed table) to build/gpu_report.md (and to $OUT when set).
 
+The parity suite runs twice: on the GPU (JETMOE_GPU=cuda) and on the CPU emulator (JETMOE_GPU=emulate, cudasim,
+with its own tests in tests/cudasim), and the table gives both outcomes side by side.
+
 Runs with whatever python3 the machine has; installs only what is missing (CuPy, pytest, hypothesis) and says so.
 """
 
@@ -41,10 +44,12 @@ def versions():
     return out
 
 
-def run_parity(junit_path):
-    # tests/gpu: the host logic and compile checks (tests/gpu/host) and the requires_gpu parity tests (tests/gpu/device)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", f"--junitxml={junit_path}", os.path.join("tests", "gpu")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def run_parity(junit_path, backend):
+    # tests/gpu: the host logic and compile checks (tests/gpu/host) and the requires_gpu parity tests (tests/gpu/device);
+    # on the emulator also cudasim's own tests
+    folders = [os.path.join("tests", "gpu")] + ([os.path.join("tests", "cudasim")] if backend == "emulate" else [])
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", f"--junitxml={junit_path}", *folders]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JETMOE_GPU": backend})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -70,17 +75,28 @@ def run_bench(json_path):
 def main():
     ensure_packages()
     os.makedirs(BUILD, exist_ok=True)
-    junit = os.path.join(BUILD, "gpu_junit.xml")
     lines = [f"# GPU check, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
     lines += [f"- {k}: {v}" for k, v in versions().items()] + [""]
-    code, log = run_parity(junit)
-    rows = parity_rows(junit) if os.path.exists(junit) else []
-    passed = sum(r[1] == "passed" for r in rows)
-    failed = sum(r[1] in ("FAILED", "ERROR") for r in rows)
-    skipped = sum(r[1] == "skipped" for r in rows)
-    lines += [f"## Parity ({passed} passed, {failed} failed, {skipped} skipped; pytest exit {code})", "",
-              "| test | outcome | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {name} | {outcome} | {t:.2f} | {detail.replace('|', '/')} |" for name, outcome, t, detail in rows]
+    results, logs, code = {}, [], 0
+    for backend in ("cuda", "emulate"):
+        junit = os.path.join(BUILD, f"gpu_junit_{backend}.xml")
+        backend_code, log = run_parity(junit, backend)
+        code |= backend_code
+        logs.append(f"==== JETMOE_GPU={backend} ====\n{log}")
+        rows = parity_rows(junit) if os.path.exists(junit) else []
+        results[backend] = {name: (outcome, t, detail) for name, outcome, t, detail in rows}
+        counts = {k: sum(r[1] in k for r in rows) for k in (("passed",), ("FAILED", "ERROR"), ("skipped",))}
+        lines.append(f"- {'GPU' if backend == 'cuda' else 'CPU emulator (cudasim)'}: {counts[('passed',)]} passed, "
+                     f"{counts[('FAILED', 'ERROR')]} failed, {counts[('skipped',)]} skipped; pytest exit "
+                     f"{backend_code}")
+    log = "\n".join(logs)
+    lines += ["", "## Parity, GPU beside the emulator", "",
+              "| test | GPU | s | emulator | s | detail |", "|---|---|---|---|---|---|"]
+    none = ("not run", 0.0, "")
+    for name in sorted(set(results["cuda"]) | set(results["emulate"])):
+        (g, gt, gd), (e, et, ed) = results["cuda"].get(name, none), results["emulate"].get(name, none)
+        detail = (gd or ed).replace("|", "/")
+        lines.append(f"| {name} | {g} | {gt:.2f} | {e} | {et:.2f} | {detail} |")
     bench_code, bench_log = run_bench(os.path.join(BUILD, "gpu_bench.json"))
     lines += ["", f"## Speed (scripts/bench_gpu.py, exit {bench_code})", "", bench_log.strip()[-6000:]]
     report = "\n".join(lines) + "\n"

@@ -22,11 +22,17 @@ sys.path.insert(0, ROOT)  # reference, gpu, jetmoe
 # A test file's own folder (tests/reference/helpers.py) goes on sys.path through pytest's default "prepend" import
 # mode, which is why every test file basename in tests/ must be unique.
 
-GPU_MARKER = "requires_gpu: needs CuPy and a CUDA GPU; skipped, all with one reason, where gpu.gpu_available() is False"
+GPU_MARKER = ("requires_gpu: runs on CuPy and a CUDA GPU, or on the CPU emulator (cudasim) where there is none; "
+              "skipped, all with one reason, only where gpu.gpu_available() is False")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", GPU_MARKER)
+    # No CUDA device: the GPU tests run the same kernels on cudasim (JETMOE_GPU=emulate; gpu/device.py).
+    if "JETMOE_GPU" not in os.environ:
+        from gpu.device import cuda_device_available
+        if not cuda_device_available():
+            os.environ["JETMOE_GPU"] = "emulate"
 
 
 @functools.cache
@@ -65,7 +71,8 @@ def rng(seed):
 def poisoned_pool():
     """GPU tests: leave 64 MiB of 0xFF bytes as free memory in CuPy's pool; later cp.empty calls are carved out of
     it, so an output element a kernel forgot to write is garbage, never a lucky zero."""
-    import cupy as cp  # only requires_gpu tests use this fixture; they skip before it runs when CuPy is missing
+    from gpu.device import require_cupy  # only requires_gpu tests use this fixture; they skip before it runs
+    cp = require_cupy()
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     junk = cp.empty(64 << 20, dtype=cp.uint8)

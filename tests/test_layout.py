@@ -1,7 +1,9 @@
 """Who may import what, read from the source with `ast` (nothing is imported or run):
 
 - reference/ (the semantics): numpy, safetensors, ml_dtypes, tokenizers, the standard library and itself;
-- gpu/ (the CuPy twin): reference, cupy, numpy, the standard library and itself (bf16 via reference.weights.BF16);
+- gpu/ (the CuPy twin): reference, cupy, cudasim, numpy, the standard library and itself (bf16 via
+  reference.weights.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
+- cudasim/ (the CPU execution backend for CUDA C++): numpy, the standard library and itself (it knows no JetMoE);
 - notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/.
 
 An import is `import x`, `from x import y` (a relative `from . import y` is the package itself), or a call
@@ -21,8 +23,10 @@ from paths import ROOT
 STDLIB = frozenset(sys.stdlib_module_names)
 ALLOWED = {  # package -> third-party top-level modules it may import (besides the standard library and itself)
     "reference": frozenset({"numpy", "safetensors", "ml_dtypes", "tokenizers"}),
-    "gpu": frozenset({"reference", "cupy", "numpy"}),
+    "gpu": frozenset({"reference", "cupy", "cudasim", "numpy"}),
+    "cudasim": frozenset({"numpy"}),
 }
+ARRAY_MODULES = frozenset({"cupy", "cudasim"})  # imported in gpu/ by gpu/device.py alone
 NOTEBOOK_FORBIDDEN = frozenset({"jetmoe"})
 DYNAMIC = "<a module computed at run time>"
 
@@ -111,6 +115,17 @@ def test_package_imports_only_what_it_may(package):
                           + "\n  ".join(problems))
 
 
+def test_only_gpu_device_imports_the_array_module():
+    problems = []
+    for name in python_files("gpu"):
+        if name == os.path.join("gpu", "device.py"):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            problems += forbidden_imports(f.read(), name, lambda top: top not in ARRAY_MODULES)
+    assert not problems, "gpu/ gets CuPy or cudasim from gpu/device.py's require_cupy() only:\n  " + "\n  ".join(
+        problems)
+
+
 def test_notebooks_never_import_jetmoe():
     folder = os.path.join(ROOT, "notebooks")
     notebooks = sorted(n for n in os.listdir(folder) if n.endswith(".ipynb"))
@@ -158,6 +173,9 @@ def test_checker_reports_forbidden_imports():
         "reference/fake.py:15: imports torch.nn",
         f"reference/fake.py:17: imports {DYNAMIC}",
     ]
+    # cudasim/ knows no JetMoE: reference (line 6) and the rest are refused
+    assert package_violations("cudasim", SYNTHETIC, "cudasim/fake.py")[:2] == [
+        "cudasim/fake.py:6: imports reference.rope", "cudasim/fake.py:7: imports safetensors.numpy"]
     # gpu/ may use cupy and reference, not safetensors
     assert package_violations("gpu", SYNTHETIC, "gpu/fake.py") == [
         "gpu/fake.py:7: imports safetensors.numpy",

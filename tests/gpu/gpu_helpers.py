@@ -1,13 +1,13 @@
 """Shared by the GPU tests: `cp` (CuPy, imported on first use), NaN-filled outputs, and the attention draws and
 float64 reference that gpu/host checks the NumPy models against and gpu/device checks the kernels against.
 
-`cp` is imported lazily so that the device test files import without CuPy: their tests carry the requires_gpu
+`cp` is imported lazily (CuPy, or the CPU emulator cudasim) so that the device test files import without CuPy: their tests carry the requires_gpu
 marker, which tests/conftest.py turns into one skip reason before any of them touches `cp`.
 """
 
-import importlib
-
 import numpy as np
+
+from gpu.device import require_cupy
 
 from reference.attention import additive_mask, attend, attention_probs
 
@@ -15,10 +15,10 @@ F64 = np.dtype(np.float64)
 
 
 class LazyCupy:
-    """Forwards every attribute to the cupy module, imported on the first access."""
+    """Forwards every attribute to require_cupy()'s module (CuPy, or cudasim under JETMOE_GPU=emulate)."""
 
     def __getattr__(self, name):
-        return getattr(importlib.import_module("cupy"), name)
+        return getattr(require_cupy(), name)
 
 
 cp = LazyCupy()

@@ -24,6 +24,8 @@ Tolerances, normwise (max|got - want| <= rtol * max|want|):
   MMA_RTOL = 2e-2   mma: A is rounded to bf16 (relative 2^-9) when staged; random rounding errors over k_in terms
                     give ~1e-3 relative per output, a few times that at the worst element, and the MoE chains two
                     such GEMMs; 2e-2 leaves a ~4x margin while still catching any wrong fragment or index.
+                    The CPU emulator (cudasim) cannot reproduce the tensor cores' accumulation order: it sums the
+                    exact bf16 products in double and rounds once, within the same bound.
   Router logits and gates are float32 matmul/softmax: 1e-5. Expert ids must be equal (inputs are redrawn until
   every token's logits are separated by far more than float32 error, so the top-k cannot differ legitimately).
 """
@@ -47,7 +49,7 @@ from reference.routing import RoutingPlan as RefPlan
 
 from gpu_helpers import cp
 
-pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: they run on the CPU emulator (tests/conftest.py)
 
 F64 = np.float64
 F32_RTOL = 1e-5

@@ -31,7 +31,7 @@ from reference import trace
 
 from gpu_helpers import cp, nan_like
 
-pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: they run on the CPU emulator (tests/conftest.py)
 
 F32 = np.dtype(np.float32)
 

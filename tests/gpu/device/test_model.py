@@ -1,9 +1,11 @@
-"""The whole GPU twin against reference/ (marked requires_gpu: needs CuPy and a CUDA GPU).
+"""The whole GPU twin against reference/ (marked requires_gpu: CuPy and a CUDA GPU, or the CPU emulator cudasim).
 
 Tolerances, relative to max |reference| per tensor:
 - float32 weights: 1e-4 (float32 throughout, TF32 off, different summation orders than NumPy over L layers);
 - bf16 weights: 2e-2 against the reference holding the same bf16-rounded weights (float32 activations; the
   tensor-core prefill path also rounds activations to bf16 when staging them).
+On the CPU emulator the same bounds hold: its expf is glibc's (not CUDA's 2-ulp one) and its mma.sync sums the exact
+bf16 products in double (not the tensor cores' order), differences far inside both tolerances.
 Routing must be identical wherever the reference's top-k margin exceeds what float32 noise can flip.
 """
 
@@ -25,7 +27,7 @@ from gpu.model import JetMoeForCausalLM as GpuCausalLM
 from gpu_helpers import cp
 from paths import GOLDEN, GOLDEN_NAMES as NAMES
 
-pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: tests/conftest.py skips them all, with one reason
+pytestmark = pytest.mark.requires_gpu  # no CUDA GPU: they run on the CPU emulator (tests/conftest.py)
 
 FLOAT32_RTOL = 1e-4
 BF16_RTOL = 2e-2
