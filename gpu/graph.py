@@ -42,8 +42,7 @@ from reference.inputs import check_inputs, int_array
 
 from .cache import StaticKVCache
 from .device import require_cupy
-from .linear import linear
-from .model import embed
+from .linear import embed, linear
 
 __all__ = ["BufferPlan", "PlanMismatch", "CapturedStep", "GraphDecoder", "check_step", "graph_stepper"]
 

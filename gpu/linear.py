@@ -1,6 +1,7 @@
-"""Dense y = x @ W^T on the GPU (kv_proj, routers, lm_head): gpu/kernels/linear.cu.  Shapes: reference/__init__.py.
+"""Dense y = x @ W^T on the GPU (kv_proj, routers, lm_head): gpu/kernels/linear.cu, and the embedding lookup.
+Shapes: reference/__init__.py.
 
-No reference twin of its own: reference/ writes these as `x @ W.T`.
+No reference twin of its own: reference/ writes these as `x @ W.T` and `embed_tokens[ids]`.
 """
 
 import numpy as np
@@ -64,3 +65,12 @@ def linear(x, w, out=None):
     kernels.kernel("linear", f"linear_{algorithm}_{suffix}")(
         grid, block, (x, w, out, np.int64(m_rows), np.int64(n_out), np.int64(k_in)))
     return out
+
+
+def embed(table, input_ids):
+    # table: [V, D] float32 or bf16 bits, input_ids: [B, T] device int64 -> [B, T, D] float32
+    cp = require_cupy()
+    rows = table[input_ids]
+    if rows.dtype == cp.uint16:
+        return (rows.astype(cp.uint32) << 16).view(cp.float32)
+    return rows

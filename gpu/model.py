@@ -24,7 +24,8 @@ from .attention import moa
 from .cache import KVCache, StaticKVCache
 from .device import require_cupy
 from .experts import moe
-from .linear import linear
+from .generation import generate
+from .linear import embed, linear
 from .norm import rms_norm
 
 WEIGHT_DTYPES = ("float32", "bfloat16")
@@ -69,15 +70,6 @@ def upload_all(tensors, dtype):
         free, total = cp.cuda.runtime.memGetInfo()
         raise MemoryError(f"the model needs about {needed / 2**30:.2f} GiB of GPU memory in {dtype.name}; the "
                           f"device has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB") from None
-
-
-def embed(table, input_ids):
-    # table: [V, D] float32 or bf16 bits, input_ids: [B, T] device int64 -> [B, T, D] float32
-    cp = require_cupy()
-    rows = table[input_ids]
-    if rows.dtype == cp.uint16:
-        return (rows.astype(cp.uint32) << 16).view(cp.float32)
-    return rows
 
 
 def check_forward_cache(cache):
@@ -235,7 +227,6 @@ class JetMoeForCausalLM(_Pretrained):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
         """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device, each
         decode step one replayed CUDA graph (graph=False: launched op by op). See gpu/generation.py."""
-        from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **kwargs)
 
