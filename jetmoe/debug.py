@@ -358,6 +358,9 @@ def writable(path, what):
 
 
 def run_compare(args):
+    if args.backward:
+        from .debug_backward import run_compare_backward
+        return run_compare_backward(args)
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
@@ -397,8 +400,14 @@ def run_compare(args):
     if not rows:
         raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
                          "(see README.md 'Trace names')")
+    return report(args, a, b, rows, forwards, notes, rtol,
+                  f"{a.label} vs {b.label}{' (--isolate)' if args.isolate else ''}", "tensor")
+
+
+def report(args, a, b, rows, forwards, notes, rtol, title, what):
+    """Print the rows (or --json), draw --plot; the exit status: 1 when a row is introduced or inherited."""
     if args.plot:
-        plot(rows, a.trace, b.trace, args.plot, f"{a.label} vs {b.label}{' (--isolate)' if args.isolate else ''}")
+        plot(rows, a.trace, b.trace, args.plot, title)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:
@@ -420,7 +429,7 @@ def run_compare(args):
         print(f"wrote {args.plot}")
     first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
     if first is None:
-        print(f"no divergence: all {len(rows)} shared tensors agree")
+        print(f"no divergence: all {len(rows)} shared {what}s agree")
         return 0
     introduced = [r.name for r in rows if r.verdict == "introduced"]
     print(f"first divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e})")
@@ -432,6 +441,9 @@ def run_compare(args):
 
 
 def run_dump(args):
+    if args.backward:
+        from .debug_backward import run_dump_backward
+        return run_dump_backward(args)
     writable(args.out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype)
     cli.check_prompts(args.prompt)
@@ -503,6 +515,10 @@ def add_arguments(parser):
             sub.add_argument("--all", action="store_true", help="print every row")
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+        if name != "step":
+            sub.add_argument("--backward", action="store_true",
+                             help="the gradients of the causal-LM loss too, grad.<name> (jetmoe/debug_backward.py)")
+            sub.add_argument("--aux", action="store_true", help="with --backward: the aux loss joins the loss")
         if name == "dump":
             sub.add_argument("--out", required=True, help="the .safetensors file to write")
         if name == "step":
