@@ -36,6 +36,7 @@ import numpy as np
 
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
+from reference.losses import AUX_LOSSES
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
 from . import cli
@@ -518,7 +519,9 @@ def add_arguments(parser):
         if name != "step":
             sub.add_argument("--backward", action="store_true",
                              help="the gradients of the causal-LM loss too, grad.<name> (jetmoe/debug_backward.py)")
-            sub.add_argument("--aux", action="store_true", help="with --backward: the aux loss joins the loss")
+            sub.add_argument("--aux", nargs="?", const="hf", choices=AUX_LOSSES, default=None, metavar="KIND",
+                             help="with --backward: the aux loss joins the loss (KIND: " + ", ".join(AUX_LOSSES) +
+                             "; default hf)")
         if name == "dump":
             sub.add_argument("--out", required=True, help="the .safetensors file to write")
         if name == "step":

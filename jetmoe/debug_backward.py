@@ -1,11 +1,12 @@
 """Gradient debugging: which backward op of a port is wrong, gradient by gradient against the reference.
 
-    jetmoe debug dump MODEL --prompt "ROMEO:" --backward [--aux] --out ref.safetensors
+    jetmoe debug dump MODEL --prompt "ROMEO:" --backward [--aux [KIND]] --out ref.safetensors
     jetmoe debug compare MODEL port.safetensors [ref] --backward [--isolate] [--json] [--plot FILE.png]
 
 `dump --backward` runs the forward, then the reference's hand-written backward (reference.model.value_and_grad) of
 the causal-LM loss with labels = input_ids (-100 at the pads), shifted inside the loss as HF shifts them; with
---aux the load-balancing loss joins it (aux_loss_coef x HF's Switch loss). Besides the forward's trace it records
+--aux [KIND] the load-balancing loss joins it (aux_loss_coef x that aux loss, reference/losses.py; default hf).
+Besides the forward's trace it records
   loss                           the loss, [1]; the file's metadata says its kind ("loss") and value
   inputs.labels                  the labels, [B, T] int64
   grad.<name>                    d loss / d the trace point <name>, from grad.logits down to grad.embed_tokens
@@ -42,8 +43,13 @@ def labels_of(input_ids, attention_mask):
 
 
 def loss_kind(aux):
-    """The loss a backward trace differentiates, as its metadata names it."""
-    return "causal_lm+aux" if aux else "causal_lm"
+    """The loss a backward trace differentiates, as its metadata names it (aux: None or an aux-loss kind)."""
+    return f"causal_lm+aux:{aux}" if aux else "causal_lm"
+
+
+def aux_of(kind):
+    # a loss kind -> the aux-loss kind it includes, or None
+    return kind.partition("+aux:")[2] or None
 
 
 def traced_backward(model, step, aux):
@@ -55,7 +61,8 @@ def traced_backward(model, step, aux):
     mask = tracing.record("inputs.attention_mask", mask)
     tracing.record("inputs.position_ids", positions)
     labels = tracing.record("inputs.labels", labels_of(ids, mask))
-    out, grads = value_and_grad(model, ids, labels, attention_mask=mask, output_router_logits=aux)
+    out, grads = value_and_grad(model, ids, labels, attention_mask=mask, output_router_logits=aux is not None,
+                                aux_loss=aux or "hf")
     loss = float(tracing.record("loss", np.asarray([out.loss], dtype=model.dtype))[0])  # [1]
     for key, grad in grads.items():
         tracing.record(PARAM + key, grad)
@@ -126,7 +133,7 @@ def check_same_backward(a, b, kinds):
     """ValueError naming what differs when two files differentiated different losses of different labels."""
     if kinds[a.label] and kinds[b.label] and kinds[a.label] != kinds[b.label]:
         raise ValueError(f"different losses: {a.label} differentiates {kinds[a.label]}, {b.label} "
-                         f"{kinds[b.label]}; dump both with or both without --aux")
+                         f"{kinds[b.label]}; dump both with the same --aux")
     la, lb = a.trace.get("inputs.labels"), b.trace.get("inputs.labels")
     if la is not None and lb is not None and (la.shape != lb.shape or not np.array_equal(la, lb)):
         raise ValueError(f"different labels: inputs.labels differ between {a.label} and {b.label}; compare "
@@ -155,10 +162,11 @@ def run_compare_backward(args):
         forwards = forwards or found
     if len(files) == 2:
         check_same_backward(a, b, kinds)
-    given = {k for k in kinds.values() if k}
-    aux = ("causal_lm+aux" in given) if given else args.aux
-    if given and args.aux != aux:
-        notes.append(f"the traces differentiate {loss_kind(aux)}: the reference does too (--aux ignored)")
+    given = [(label, kind) for label, kind in kinds.items() if kind]
+    aux = aux_of(given[0][1]) if given else args.aux
+    if given and args.aux is not None and args.aux != aux:
+        notes.append(f"--aux {args.aux} ignored: {given[0][0]} differentiates {given[0][1]}, and so does the "
+                     "reference")
     model = None
     if len(files) < 2:
         model, tokenizer = cli.load(args.model, args.dtype)
