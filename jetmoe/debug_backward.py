@@ -13,8 +13,8 @@ Besides the forward's trace it records
   grad.param.<checkpoint key>    d loss / d each parameter, e.g. grad.param.model.layers.0.mlp.input_linear.weight
 
 `compare --backward` compares two such traces from the loss towards the embeddings (rows, verdicts and exit
-status as the forward compare, jetmoe/debug.py) and names the first divergent gradient. A side is a trace file
-or `ref`. With --isolate the reference recomputes every gradient from the other side's upstream gradient (and
+status as the forward compare, jetmoe/debug.py) and names the first divergent gradient. A side is a trace file,
+`ref`, or `hf` (torch autograd on HF's JetMoe, jetmoe/hf_backward.py; the oracle extra). With --isolate the reference recomputes every gradient from the other side's upstream gradient (and
 its forward from the other side's activations), so each backward op is judged alone. At a residual sum the
 branch's gradient (grad.layers.i.mlp.output) flows back through that branch alone, while the residual path
 carries the gradient of the sum (grad.layers.i.output), as the math does: a correct layer is never blamed for a
@@ -27,7 +27,6 @@ import re
 import numpy as np
 
 from reference import trace as tracing
-from reference.generation import positions_from_mask
 from reference.losses import IGNORE_INDEX
 from reference.model import value_and_grad
 from reference.trace import Trace, TraceWriter, capture, handling, like
@@ -52,14 +51,19 @@ def aux_of(kind):
     return kind.partition("+aux:")[2] or None
 
 
-def traced_backward(model, step, aux):
-    """Forward and backward of `model` on one forward's (input_ids [B, T], attention_mask [B, T], position_ids
-    [B, T]) under whatever trace handlers are active: the inputs, every forward trace point, the loss, every
-    grad.<name> and grad.param.<key>. Returns the loss (a float)."""
-    ids, mask, positions = step
+def training_positions(input_ids):
+    # input_ids: [B, T] -> position_ids [B, T]: 0..T-1 in every row, as a training forward without a cache
+    # numbers them (HF's forward without position_ids, and value_and_grad)
+    return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
+
+
+def traced_backward(model, ids, mask, aux):
+    """Forward and backward of `model` on input_ids [B, T] and attention_mask [B, T] under whatever trace handlers
+    are active: the inputs, every forward trace point, the loss, every grad.<name> and grad.param.<key>. Returns
+    the loss (a float)."""
     ids = tracing.record("inputs.input_ids", ids)
     mask = tracing.record("inputs.attention_mask", mask)
-    tracing.record("inputs.position_ids", positions)
+    tracing.record("inputs.position_ids", training_positions(ids))
     labels = tracing.record("inputs.labels", labels_of(ids, mask))
     out, grads = value_and_grad(model, ids, labels, attention_mask=mask, output_router_logits=aux is not None,
                                 aux_loss=aux or "hf")
@@ -81,6 +85,16 @@ def isolating(other, trace):
             return value
         return like(theirs, value, name)
     return isolate
+
+
+def hf_side(side, model_dir, ids, mask, aux):
+    """The trace of HF's backward by torch autograd (jetmoe/hf_backward.py), in the side's dtype."""
+    try:
+        from .hf_backward import hf_backward_trace
+    except ImportError as error:
+        raise ValueError(f"{side.label} needs torch and transformers (make setup-oracle): {error}") from None
+    return Trace(hf_backward_trace(model_dir, (ids, mask, training_positions(ids)), labels_of(ids, mask),
+                                   side.dtype, aux))
 
 
 # ---------------------------------------------------------------------------------------- backward order
@@ -143,9 +157,9 @@ def check_same_backward(a, b, kinds):
 def run_compare_backward(args):
     a, b = debug.parse_side(args.a, args.dtype), debug.parse_side(args.b, args.dtype)
     for side in (a, b):
-        if side.kind not in ("file", "ref"):
-            raise ValueError(f"{side.label}: --backward compares trace files and ref (write the other side's "
-                             "gradients as docs/porting.md shows)")
+        if side.kind == "gpu":
+            raise ValueError(f"{side.label}: --backward compares trace files, ref and hf (the GPU twin has no "
+                             "backward)")
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each gradient with the reference: make one side ref")
     if args.plot:
@@ -157,6 +171,10 @@ def run_compare_backward(args):
         found = debug.forwards_of(side, notes)
         if found is None:
             raise ValueError(f"{side.label} holds no inputs.input_ids: add the token ids it ran on")
+        ids, _, positions = found.steps[0]
+        if not np.array_equal(positions, training_positions(ids)):
+            raise ValueError(f"{side.label}: inputs.position_ids are not 0..T-1 in every row, as a training forward "
+                             "numbers them (HF's forward without position_ids)")
         if forwards is not None:
             debug.check_same_forwards(forwards, found)
         forwards = forwards or found
@@ -168,21 +186,24 @@ def run_compare_backward(args):
         notes.append(f"--aux {args.aux} ignored: {given[0][0]} differentiates {given[0][1]}, and so does the "
                      "reference")
     model = None
-    if len(files) < 2:
+    if any(s.kind == "ref" for s in (a, b)) or forwards is None:
         model, tokenizer = cli.load(args.model, args.dtype)
         if forwards is None:
             cli.check_prompts(args.prompt)
             ids, mask = tokenizer.encode_batch(args.prompt)
-            forwards = debug.Forwards([(ids, mask, positions_from_mask(mask))], "--prompt")
+            forwards = debug.Forwards([(ids, mask, training_positions(ids))], "--prompt")
     subject, reference_side = (a, b) if b.kind == "ref" or a.kind != "ref" else (b, a)
+    ids, mask, _ = forwards.steps[0]
     for side in (a, b):
-        if side.kind == "ref" and not (args.isolate and side is reference_side):
+        if side.kind == "hf":
+            side.trace = hf_side(side, args.model, ids, mask, aux)
+        elif side.kind == "ref" and not (args.isolate and side is reference_side):
             with capture() as side.trace:
-                traced_backward(model, forwards.steps[0], aux)
+                traced_backward(model, ids, mask, aux)
     if args.isolate:
         reference_side.trace = Trace()
         with handling(isolating(subject.trace, reference_side.trace)):
-            traced_backward(model, forwards.steps[0], aux)
+            traced_backward(model, ids, mask, aux)
     dtype = min((a.dtype, b.dtype), key=debug.PRECISION.index)
     rtol = debug.DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
     order = reference_side.trace if reference_side.kind == "ref" else a.trace
@@ -212,7 +233,7 @@ def run_dump_backward(args):
     metadata = {"format": debug.FORMAT, "dtype": args.dtype, "config_sha256": debug.config_sha256(args.model),
                 "loss": loss_kind(args.aux)}
     with TraceWriter(args.out, metadata) as writer, handling(writer):
-        loss = traced_backward(model, (ids, mask, positions_from_mask(mask)), args.aux)
+        loss = traced_backward(model, ids, mask, args.aux)
         writer.metadata["loss_value"] = repr(loss)
     print(f"wrote {len(writer)} tensors of input_ids {ids.shape}, {loss_kind(args.aux)} loss {loss:.6f} and its "
           f"gradients to {args.out}")
