@@ -5,9 +5,10 @@ STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
 LATEST  := .venv-latest/.installed
+BROWSER := .venv/.installed-browser
 LATEST_PY := .venv-latest/bin/python
 
-.PHONY: run setup setup-oracle setup-oracle-latest setup-notebooks test test-oracle test-oracle-latest test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
+.PHONY: run setup setup-oracle setup-oracle-latest setup-notebooks setup-browser test test-oracle test-oracle-latest test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
 	bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
@@ -40,11 +41,19 @@ $(NOTEBOOKS): $(ORACLE)
 	$(PIP) install --quiet -e ".[test,oracle,notebooks]"
 	touch $(NOTEBOOKS)
 
+# setup-browser: Debian's chromium, driven by Playwright (which then downloads no browser of its own), for the
+# test of `jetmoe debug compare --html` (tests/tools/test_report_browser.py).
+setup-browser: $(BROWSER)
+$(BROWSER): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install --quiet playwright==1.65.2
+	touch $(BROWSER)
+
 # test: the whole suite without torch (tests/reference, tests/gpu/host, tests/tools, tests/test_layout.py; oracle
 # tests are deselected, requires_gpu tests skip without a GPU). It also compiles every gpu/kernels/*.cu with nvcc for
 # sm_80 and sm_90 and writes the ptxas resource report to build/kernel_resources.txt; the output ends with pytest's
 # summary, and make fails when pytest does.
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	@echo "ptxas resource report (nvcc compile test): build/kernel_resources.txt"
 	$(PY) -m pytest -m "not oracle" -q
 

@@ -40,6 +40,7 @@ from reference.losses import AUX_LOSSES
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute
 
 from . import cli
+from .report import write_html
 
 LIVE = ("ref", "hf", "gpu")
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -224,7 +225,9 @@ class Row:
 def axes_of(name, ndim):
     """Axis names of a trace tensor, for saying where its worst error is (README.md "Trace names" shapes)."""
     last = name.rsplit(".", 1)[-1]
-    if ".inputs." in f".{name}":
+    if name.startswith("grad.param."):  # a parameter's gradient: the parameter's own axes
+        axes = ()
+    elif ".inputs." in f".{name}":
         axes = ("batch", "token")
     elif ".router." in name:
         axes = ("token", "expert") if last == "logits" else ("token", "choice")
@@ -365,8 +368,9 @@ def run_compare(args):
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
-    if args.plot:
-        writable(args.plot, "plot")
+    for path, what in ((args.plot, "plot"), (args.html, "report")):
+        if path:
+            writable(path, what)
     notes, model, tokenizer = [], None, None
     files = [s for s in (a, b) if s.kind == "file"]
     forwards = None
@@ -406,9 +410,13 @@ def run_compare(args):
 
 
 def report(args, a, b, rows, forwards, notes, rtol, title, what):
-    """Print the rows (or --json), draw --plot; the exit status: 1 when a row is introduced or inherited."""
+    """Print the rows (or --json), draw --plot, write --html; the exit status: 1 when a row is introduced or
+    inherited."""
     if args.plot:
         plot(rows, a.trace, b.trace, args.plot, title)
+    if args.html:
+        write_html(args.html, rows, a.trace, b.trace, title, rtol, args.atol, notes,
+                   f"{what}, in {'backward' if what == 'gradient' else 'forward'} order")
     counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:
@@ -426,8 +434,9 @@ def report(args, a, b, rows, forwards, notes, rtol, title, what):
     if unmatched:
         print(f"\n{len(unmatched)} tensors are in only one trace (not compared), e.g. {', '.join(unmatched[:3])}")
     print("\n" + ", ".join(f"{v} {n}" for v, n in counts.items() if n) + f" (of {len(rows)} tensors)")
-    if args.plot:
-        print(f"wrote {args.plot}")
+    for path in (args.plot, args.html):
+        if path:
+            print(f"wrote {path}")
     first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
     if first is None:
         print(f"no divergence: all {len(rows)} shared {what}s agree")
@@ -516,6 +525,7 @@ def add_arguments(parser):
             sub.add_argument("--all", action="store_true", help="print every row")
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+            sub.add_argument("--html", metavar="FILE.html", help="write a self-contained report (jetmoe/report.py)")
         if name != "step":
             sub.add_argument("--backward", action="store_true",
                              help="the gradients of the causal-LM loss too, grad.<name> (jetmoe/debug_backward.py)")

@@ -162,8 +162,9 @@ def run_compare_backward(args):
                              "backward)")
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each gradient with the reference: make one side ref")
-    if args.plot:
-        debug.writable(args.plot, "plot")
+    for path, what in ((args.plot, "plot"), (args.html, "report")):
+        if path:
+            debug.writable(path, what)
     notes, forwards, kinds = [], None, {}
     files = [s for s in (a, b) if s.kind == "file"]
     for side in files:
