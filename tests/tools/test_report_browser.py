@@ -4,6 +4,7 @@ filter and saves a screenshot; the test fails if the page asks for anything but 
 
 import os
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -79,6 +80,13 @@ def test_the_report_works_offline_in_chromium(report, tmp_path):
     assert seen["visible"] == {"introduced"} and seen["visible names"] == probs and seen["shown"] == "6"
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert requested == [pathlib.Path(report).as_uri()]
+
+
+def test_the_report_is_one_file_that_names_no_address(report):
+    page = report.read_text()
+    addresses = re.findall(r"(?:https?:|//)[^\s\"'<>]*", page)
+    assert set(addresses) == {"http://www.w3.org/2000/svg"}  # SVG's namespace, a name that is never fetched
+    assert "<link" not in page and " src=" not in page and 'id="first-divergence"' in page
 
 
 def test_a_request_over_the_network_is_seen(report, tmp_path):
