@@ -86,6 +86,15 @@ def config_sha256(model_dir):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def config_notes(side, model_dir):
+    """[a note] when a trace file records that it was made from another config.json than model_dir's, else []."""
+    digest = side.metadata.get("config_sha256")
+    if not digest or digest == config_sha256(model_dir):
+        return []
+    return [f"{side.label} was made from another config.json (sha256 {digest[:12]}..., {model_dir}'s is "
+            f"{config_sha256(model_dir)[:12]}...)"]
+
+
 # ----------------------------------------------------------------------------------------------- the sides
 
 def parse_side(spec, ref_dtype):
@@ -385,10 +394,7 @@ def run_compare(args):
         if found is not None and forwards is not None:
             check_same_forwards(forwards, found)
         forwards = forwards or found
-        digest = side.metadata.get("config_sha256")
-        if digest and digest != config_sha256(args.model):
-            notes.append(f"{side.label} was made from another config.json (sha256 {digest[:12]}..., "
-                         f"{args.model}'s is {config_sha256(args.model)[:12]}...)")
+        notes += config_notes(side, args.model)
     if any(s.kind != "file" for s in (a, b)) or forwards is None:
         model, tokenizer = cli.load(args.model, args.dtype)
         forwards = forwards or prompt_forwards(args, tokenizer, model)

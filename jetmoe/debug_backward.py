@@ -169,6 +169,7 @@ def run_compare_backward(args):
     files = [s for s in (a, b) if s.kind == "file"]
     for side in files:
         kinds[side.label] = check_backward_file(side)
+        notes += debug.config_notes(side, args.model)
         found = debug.forwards_of(side, notes)
         if found is None:
             raise ValueError(f"{side.label} holds no inputs.input_ids: add the token ids it ran on")
