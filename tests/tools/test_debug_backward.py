@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import reference.model
 from jetmoe.cli import main
@@ -159,7 +160,11 @@ def test_bad_inputs_are_one_error_line(reference_dump, tmp_path, capsys):
     with_aux = dump(tmp_path / "aux.safetensors", "--aux")
     other_input = tmp_path / "other.safetensors"
     assert main(["debug", "dump", MODEL, "--out", str(other_input), "--backward", "--prompt", "ROMEO:"]) == 0
+    saved, metadata = load_with_metadata(reference_dump)  # generate's positions, from the mask: not a training forward
+    saved["inputs.position_ids"] = positions_from_mask(saved["inputs.attention_mask"])
+    save_file(dict(saved), str(tmp_path / "positions.safetensors"), metadata=metadata)
     for argv, message in (([forward_only, reference_dump], "holds no gradients (grad.*)"),
+                          ([tmp_path / "positions.safetensors", "ref"], "inputs.position_ids are not 0..T-1"),
                           ([reference_dump, with_aux], "different losses: "),
                           ([reference_dump, other_input], "different inputs: inputs.input_ids")):
         capsys.readouterr()
