@@ -6,9 +6,10 @@ STAMP   := .venv/.installed
 ORACLE  := .venv/.installed-oracle
 NOTEBOOKS := .venv/.installed-notebooks
 LATEST  := .venv-latest/.installed
+BROWSER := .venv/.installed-browser
 LATEST_PY := .venv-latest/bin/python
 
-.PHONY: run setup setup-oracle setup-oracle-latest setup-notebooks test test-oracle test-oracle-latest test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
+.PHONY: run setup setup-oracle setup-oracle-latest setup-notebooks setup-browser test test-oracle test-oracle-latest test-notebooks notebooks goldens corpus train-tiny train-tiny-torch \
 	8b-shaped bench-cpu bench-8b gpu-check clean
 
 MODEL   := weights/jetmoe-tiny-shakespeare
@@ -46,13 +47,22 @@ $(NOTEBOOKS): $(ORACLE)
 	$(PIP) install --quiet -e ".[test,oracle,notebooks]"
 	touch $(NOTEBOOKS)
 
+# setup-browser: Debian's chromium, driven by Playwright (which then downloads no browser of its own), for the
+# test of `jetmoe debug compare --html` (tests/tools/test_report_browser.py).
+setup-browser: $(BROWSER)
+$(BROWSER): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install --quiet playwright==1.65.2
+	touch $(BROWSER)
+
 # test: the whole suite without torch (tests/reference, tests/gpu, tests/cudasim, tests/security, tests/notebooks,
 # tests/tools, tests/test_layout.py; oracle tests are deselected). Without a CUDA GPU the requires_gpu tests run on
 # the CPU emulator, cudasim, its kernel builds cached in build/cudasim-cache (docs/gpu.md). Where nvcc is installed
 # it also compiles every gpu/kernels/*.cu for sm_80 and sm_90 and writes the ptxas resource report to
 # build/kernel_resources.txt; without it that test skips (docs/testing.md: what it adds). Every skip is listed with
-# its reason (-rs); the output ends with pytest's summary, and make fails when pytest does.
-test: $(STAMP)
+# its reason (-rs). setup-browser comes first for the html report's browser test. The output ends with pytest's
+# summary, and make fails when pytest does.
+test: $(STAMP) $(BROWSER)
 	@if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
 		echo "ptxas resource report (nvcc compile test): build/kernel_resources.txt"; \
 	else echo "nvcc not found: the kernel compile test skips (docs/testing.md says what it adds)"; fi

@@ -4,6 +4,8 @@
     jetmoe debug compare MODEL port.safetensors [ref] [--isolate] [--only GLOB] [--json] [--plot errors.png]
     jetmoe debug compare MODEL hf:bfloat16 --prompt "ROMEO:" --isolate      # HF's own bf16 against the reference
     jetmoe debug step MODEL --prompt "ROMEO:" --break "layers.1.mlp.*"     # pdb where each matching tensor is made
+    jetmoe debug dump|compare ... --backward [--aux]   # the gradients too, from the loss back (jetmoe/debug_backward.py)
+    jetmoe debug compare ... --html report.html         # one self-contained file to attach (jetmoe/report.py)
 
 `compare MODEL A [B]` compares two implementations, B defaulting to `ref`. Each side is a trace file (.safetensors,
 as `dump` writes it or a port writes it under the same names, README.md "Trace names"), or one of `ref` (this
@@ -40,10 +42,12 @@ import numpy as np
 from reference import JetMoeConfig, files
 from reference import trace as tracing
 from reference.generation import generate, positions_from_mask
+from reference.losses import AUX_LOSSES
 from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
 
 from . import cli, finite
 from .generate import encode_prompts
+from .report import write_html
 
 LIVE = ("ref", "hf", "gpu")
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -85,6 +89,15 @@ def prefix(step):
 def config_sha256(model_dir):
     """sha256 of the config.json bytes: a dump records which model it came from (`sha256sum config.json`)."""
     return hashlib.sha256(files.read_bytes(files.inside(model_dir, "config.json"), "config")).hexdigest()
+
+
+def config_notes(side, model_dir):
+    """[a note] when a trace file records that it was made from another config.json than model_dir's, else []."""
+    digest = side.metadata.get("config_sha256")
+    if not digest or digest == config_sha256(model_dir):
+        return []
+    return [f"{side.label} was made from another config.json (sha256 {digest[:12]}..., {model_dir}'s is "
+            f"{config_sha256(model_dir)[:12]}...)"]
 
 
 # ----------------------------------------------------------------------------------------------- the sides
@@ -231,7 +244,9 @@ class Row:
 def axes_of(name, ndim):
     """Axis names of a trace tensor, for saying where its worst error is (README.md "Trace names" shapes)."""
     last = name.rsplit(".", 1)[-1]
-    if ".inputs." in f".{name}":
+    if name.startswith("grad.param."):  # a parameter's gradient: the parameter's own axes
+        axes = ()
+    elif ".inputs." in f".{name}":
         axes = ("batch", "token")
     elif ".router." in name:
         axes = ("token", "expert") if last == "logits" else ("token", "choice")
@@ -395,6 +410,9 @@ def writable(path, what):
 
 def run_compare(args):
     cli.check_model_directory(args.model)
+    if args.backward:
+        from .debug_backward import run_compare_backward
+        return run_compare_backward(args)
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     config = JetMoeConfig.from_pretrained(args.model)
     for side in (a, b):  # a trace file is untrusted: checked against the model before any work
@@ -403,8 +421,9 @@ def run_compare(args):
                                      np.dtype(cli.DTYPES[args.dtype]).itemsize)
     if args.isolate and "ref" not in (a.kind, b.kind):
         raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
-    if args.plot:
-        writable(args.plot, "plot")
+    for path, what in ((args.plot, "plot"), (args.html, "report")):
+        if path:
+            writable(path, what)
     notes, model, tokenizer = [], None, None
     files = [s for s in (a, b) if s.kind == "file"]
     forwards = None
@@ -420,10 +439,7 @@ def run_compare(args):
         if found is not None and forwards is not None:
             check_same_forwards(forwards, found)
         forwards = forwards or found
-        digest = side.metadata.get("config_sha256")
-        if digest and digest != config_sha256(args.model):
-            notes.append(f"{side.label} was made from another config.json (sha256 {digest[:12]}..., "
-                         f"{args.model}'s is {config_sha256(args.model)[:12]}...)")
+        notes += config_notes(side, args.model)
     if any(s.kind != "file" for s in (a, b)) or forwards is None:
         model, tokenizer = cli.load(args.model, args.dtype)
         forwards = forwards or prompt_forwards(args, tokenizer, model)
@@ -443,9 +459,18 @@ def run_compare(args):
     if not rows:
         raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
                          "(see README.md 'Trace names')")
+    return report(args, a, b, rows, forwards, notes, rtol,
+                  f"{side_title(a)} vs {side_title(b)}{' (--isolate)' if args.isolate else ''}", "tensor")
+
+
+def report(args, a, b, rows, forwards, notes, rtol, title, what):
+    """Print the rows (or --json), draw --plot, write --html; the exit status: 1 when a row is introduced or
+    inherited."""
     if args.plot:
-        plot(rows, a.trace, b.trace, args.plot,
-             f"{side_title(a)} vs {side_title(b)}{' (--isolate)' if args.isolate else ''}", rtol)
+        plot(rows, a.trace, b.trace, args.plot, title, rtol)
+    if args.html:
+        write_html(args.html, rows, a.trace, b.trace, title, rtol, args.atol, notes,
+                   f"{what}, in {'backward' if what == 'gradient' else 'forward'} order")
     counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:
@@ -463,11 +488,12 @@ def run_compare(args):
     if unmatched:
         print(f"\n{len(unmatched)} tensors are in only one trace (not compared), e.g. {', '.join(unmatched[:3])}")
     print("\n" + ", ".join(f"{v} {n}" for v, n in counts.items() if n) + f" (of {len(rows)} tensors)")
-    if args.plot:
-        print(f"wrote {args.plot}")
+    for path in (args.plot, args.html):
+        if path:
+            print(f"wrote {path}")
     first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
     if first is None:
-        print(f"no divergence: all {len(rows)} shared tensors agree")
+        print(f"no divergence: all {len(rows)} shared {what}s agree")
         return 0
     introduced = [r.name for r in rows if r.verdict == "introduced"]
     print(f"first divergence: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e})")
@@ -487,6 +513,9 @@ def dump_path(out):
 
 
 def run_dump(args):
+    if args.backward:
+        from .debug_backward import run_dump_backward
+        return run_dump_backward(args)
     out = dump_path(args.out)
     writable(out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype, args.device, finite=False)  # a NaN is written, and said
@@ -613,10 +642,17 @@ def add_arguments(parser):
             sub.add_argument("--all", action="store_true", help="print every row")
             sub.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
             sub.add_argument("--plot", metavar="FILE.png", help="draw the errors and the routing agreement")
+            sub.add_argument("--html", metavar="FILE.html", help="write a self-contained report (jetmoe/report.py)")
         if name != "compare":  # compare names its sides (ref, gpu, ...) instead
             sub.add_argument("--device", choices=cli.DEVICES, default="cpu",
                              help="cpu: the NumPy reference (default); gpu: the CuPy twin (JETMOE_GPU=emulate: on "
                                   "the CPU emulator)")
+        if name != "step":
+            sub.add_argument("--backward", action="store_true",
+                             help="the gradients of the causal-LM loss too, grad.<name> (jetmoe/debug_backward.py)")
+            sub.add_argument("--aux", nargs="?", const="hf", choices=AUX_LOSSES, default=None, metavar="KIND",
+                             help="with --backward: the aux loss joins the loss (KIND: " + ", ".join(AUX_LOSSES) +
+                             "; default hf)")
         if name == "dump":
             sub.add_argument("--out", required=True,
                              help=f"the .safetensors file to write (an existing directory: {DUMP_NAME} inside it)")

@@ -10,6 +10,7 @@ The same --seed gives the same text for the same prompts: a batch draws from one
 prompt in a batch gets other draws than the same prompt alone.
 """
 
+import contextlib
 import sys
 import time
 
@@ -18,7 +19,7 @@ import numpy as np
 from reference.generation import positions_from_mask
 from reference.routing import expert_load, format_expert_load
 
-from . import cli, finite
+from . import cli, finite, roofline
 
 
 def add_arguments(parser):
@@ -36,6 +37,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=cli.non_negative_int, default=0,
                         help="seed of the sampling Generator (default 0)")
     parser.add_argument("--no-stats", action="store_true", help="print only the text, not speed and expert load")
+    parser.add_argument("--stats", action="store_true",
+                        help="per token: bytes of distinct weights read (routed experts, the rest) and the share of "
+                             "the machine's copy bandwidth reached (jetmoe/roofline.py)")
     parser.set_defaults(run=main)
 
 
@@ -70,7 +74,13 @@ def main(args):
     if streaming:
         print(args.prompt[0], end="", flush=True)
 
+    recorder = roofline.StepRecorder() if args.stats else None
+
     def print_new_text(new_tokens):  # new_tokens: [B]
+        if recorder is not None:
+            recorder.token(new_tokens)
+        if not streaming:
+            return
         text = stream.push(int(new_tokens[0]))
         if text:
             print(text, end="", flush=True)
@@ -78,11 +88,11 @@ def main(args):
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed) if args.temperature > 0 else dict(do_sample=False)
     started = time.perf_counter()
-    with cli.PeakMemory() as peak:
-        # the reference checks each step's logits; the twin's steps are replays of one CUDA graph (gpu/graph.py)
-        checked = dict(stepper=finite.checked_stepper) if args.device == "cpu" else {}
+    # the reference checks each step's logits; the twin's steps are replays of one CUDA graph (gpu/graph.py)
+    checked = dict(stepper=finite.checked_stepper) if args.device == "cpu" else {}
+    with cli.PeakMemory() as peak, recorder.recording() if recorder else contextlib.nullcontext():
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                streamer=print_new_text if streaming else None, **checked, **sampling)
+                                streamer=print_new_text if streaming or recorder else None, **checked, **sampling)
     seconds = time.perf_counter() - started
     new = tokens[:, ids.shape[1]:]  # [B, new]
     lengths = np.array([generated_length(row, config) for row in new])  # [B]: the pads after an eos excluded
@@ -103,6 +113,9 @@ def main(args):
     load = expert_load(out.router_logits, config.num_experts_per_tok, keep=full_mask.reshape(-1) == 1)
     print(format_expert_load(load, config.num_hidden_layers), file=sys.stderr)
     print(expert_load_footer(int(full_mask.sum()), config), file=sys.stderr)
+    if recorder is not None:
+        print(roofline.format_stats(roofline.token_stats(model, recorder), *roofline.copy_bandwidth()),
+              file=sys.stderr)
     return 0
 
 

@@ -24,18 +24,16 @@ def _np(tensor):
 
 
 def _routing(router_outputs, k):
-    """HF JetMoeTopKGating outputs -> (index_sorted_experts [N*K], top_k_indices [N, K], top_k_gates [N, K]).
+    """HF JetMoeTopKGating outputs -> (index_sorted_experts [N*K], top_k_indices [N, K]).
 
     HF returns the routing grouped by expert: index_sorted_experts[j] is the slot (n*K + choice) at grouped
-    position j, expert_size[e] how many slots expert e got, batch_gates[j] the gate of that slot."""
-    index_sorted, _, batch_gates, expert_size, _ = router_outputs
+    position j, expert_size[e] how many slots expert e got, batch_gates[j] the gate of that slot (put in slot
+    order by slot_order)."""
+    index_sorted, _, _, expert_size, _ = router_outputs
     expert_of_position = torch.repeat_interleave(torch.arange(len(expert_size)), torch.tensor(expert_size))
-    slots = index_sorted.numel()
-    indices = torch.empty(slots, dtype=torch.long)
+    indices = torch.empty(index_sorted.numel(), dtype=torch.long)
     indices[index_sorted] = expert_of_position
-    gates = torch.empty(slots, dtype=batch_gates.dtype)
-    gates[index_sorted] = batch_gates
-    return index_sorted, indices.view(-1, k), gates.view(-1, k)
+    return index_sorted, indices.view(-1, k)
 
 
 def _ungroup(grouped, index_sorted, shape):
@@ -45,10 +43,17 @@ def _ungroup(grouped, index_sorted, shape):
     return out.reshape(shape)
 
 
+def slot_order(index_sorted, shape):
+    """_ungroup with this routing, as a function of the grouped tensor (or of its gradient)."""
+    return lambda grouped: _ungroup(grouped, index_sorted, shape)
+
+
 @contextlib.contextmanager
-def recording(model):
+def recording(model, sources=None):
     """with recording(hf_causal_lm) as (trace, state): hf_causal_lm(...)  ->  {reference trace name: float64/int64
-    array}; set state["prefix"] = "step.{i}." before a decode step's forward."""
+    array}; set state["prefix"] = "step.{i}." before a decode step's forward. sources: None, or a dict that
+    receives {name: (the tensor in autograd's graph, the map of its gradient to the trace's layout)} for every
+    traced tensor with a gradient (jetmoe/hf_backward.py reads each one's .grad after backward)."""
     trace = {}
     state = {"prefix": ""}  # the step, the layer being run and the routing of its routers (to ungroup expert tensors)
     config = model.config
@@ -65,8 +70,13 @@ def recording(model):
         register = module.register_forward_hook if kind == "output" else module.register_forward_pre_hook
         handles.append(register(on_output if kind == "output" else on_input))
 
-    def record(name, value):
-        trace[state["prefix"] + (f"layers.{state['layer']}.{name}" if name[0] != "/" else name[1:])] = _np(value)
+    def record(name, value, layout=None):
+        # value: a tensor of HF's forward; layout: None or how the trace lays it out (the same map for its gradient)
+        full_name = state["prefix"] + (f"layers.{state['layer']}.{name}" if name[0] != "/" else name[1:])
+        trace[full_name] = _np(value if layout is None else layout(value))
+        if sources is not None and value.requires_grad:
+            value.retain_grad()
+            sources[full_name] = (value, layout)
 
     hook(model.model.embed_tokens, lambda i, o: record("/embed_tokens", o))
     for index, layer in enumerate(model.model.layers):
@@ -79,28 +89,29 @@ def recording(model):
 
         def router(prefix):
             def on_router(i, o):
-                state[prefix], indices, gates = _routing(o, k)
+                state[prefix], indices = _routing(o, k)
                 record(f"{prefix}.router.logits", o[4])
                 record(f"{prefix}.router.top_k_indices", indices)
-                record(f"{prefix}.router.top_k_gates", gates)
+                record(f"{prefix}.router.top_k_gates", o[2], slot_order(state[prefix], (-1, k)))
             return on_router
         hook(moa.router, router("attention"))
         hook(mlp.router, router("mlp"))
 
         def query(i, o):  # [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
             shape = trace[f"{state['prefix']}layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
-            record("attention.query", _ungroup(o, state["attention"], shape))
+            record("attention.query", o, slot_order(state["attention"], shape))
         hook(moa.input_linear, query)
 
         def key_value(i, o):  # [B, T, 2*H*Dh] -> key, value [B, H, T, Dh] (HF: chunk, view, transpose)
             b, t, _ = o.shape
-            for name, part in zip(["key", "value"], o.chunk(2, dim=-1)):
-                record(f"attention.{name}", part.view(b, t, heads, head_dim).transpose(1, 2))
+            for j, name in enumerate(["key", "value"]):
+                record(f"attention.{name}", o,
+                       lambda x, j=j: x.chunk(2, dim=-1)[j].view(b, t, heads, head_dim).transpose(1, 2))
         hook(attention.kv_proj, key_value)
 
         def context(i, o):  # output_linear's input: [N*K, H*Dh] grouped -> [B, T, K, H*Dh]
             shape = trace[f"{state['prefix']}layers.{state['layer']}.input_layernorm"].shape[:2] + (k, heads * head_dim)
-            record("attention.context", _ungroup(i[0], state["attention"], shape))
+            record("attention.context", i[0], slot_order(state["attention"], shape))
         hook(moa.output_linear, context, kind="input")
 
         def attention_out(i, o):  # (attn_output, attn_weights or None, router_logits)
@@ -112,11 +123,11 @@ def recording(model):
         hook(layer.post_attention_layernorm, lambda i, o: record("post_attention_layernorm", o))
 
         def expert_act(i, o):  # [N*K, F] grouped -> [N, K, F]
-            record("mlp.expert_act", _ungroup(i[0], state["mlp"], (-1, k, i[0].shape[-1])))
+            record("mlp.expert_act", i[0], slot_order(state["mlp"], (-1, k, i[0].shape[-1])))
         hook(mlp.output_linear, expert_act, kind="input")
 
         def expert_out(i, o):  # [N*K, D] grouped, before gating -> [N, K, D]
-            record("mlp.expert_out", _ungroup(o, state["mlp"], (-1, k, o.shape[-1])))
+            record("mlp.expert_out", o, slot_order(state["mlp"], (-1, k, o.shape[-1])))
         hook(mlp.output_linear, expert_out)
         hook(mlp, lambda i, o: record("mlp.output", first(o)))
         hook(layer, lambda i, o: record("output", first(o)))

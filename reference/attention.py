@@ -147,25 +147,34 @@ def moa_backward(d_y, saved, w, config, d_router_logits=None):
     # token, 8 KiB of it the probabilities (recomputing them instead would cost the QK^T product again).
     batch, tokens, hidden = d_y.shape
     top_k, heads, head_dim = config.num_experts_per_tok, config.num_key_value_heads, config.kv_channels
+    # Each gradient of one of moa's trace points is the trace point grad.<its name> (reference/model.py backward).
     plan, x2d = saved["plan"], saved["x2d"]
+    d_y = trace.record("output", d_y)
     d_context, d_gates, d_output_linear, d_bias = moa_reduce_backward(d_y.reshape(-1, hidden), saved, plan,
                                                                       w.output_linear)
-    d_probs, d_v = attend_backward(d_context.reshape(batch, tokens, top_k, heads * head_dim), saved["probs"],
-                                   saved["v"], top_k)
+    d_context = trace.record("context", d_context.reshape(batch, tokens, top_k, heads * head_dim))  # [B, T, K, H*Dh]
+    with trace.scope("router"):
+        d_gates = trace.record("top_k_gates", d_gates)  # [N, K]
+    d_probs, d_v = attend_backward(d_context, saved["probs"], saved["v"], top_k)
+    d_probs, d_v = trace.record("probs", d_probs), trace.record("value", d_v)  # [B, K*H, T, S], [B, H, T, Dh]
     q = saved["q"]  # [B, K*H, T, Dh] after RoPE
     d_q, d_k = attention_probs_backward(d_probs, saved["probs"], q.reshape(batch, top_k, heads, tokens, head_dim),
                                         saved["k"])
-    d_q = apply_rope_backward(d_q.reshape(q.shape), saved["cos"], saved["sin"])  # [B, K*H, T, Dh]
-    d_k = apply_rope_backward(d_k, saved["cos"], saved["sin"])  # [B, H, T, Dh]
+    d_q, d_k = trace.record("query_rope", d_q.reshape(q.shape)), trace.record("key_rope", d_k)
+    d_k = trace.record("key", apply_rope_backward(d_k, saved["cos"], saved["sin"]))  # [B, H, T, Dh]
+    d_q = apply_rope_backward(d_q, saved["cos"], saved["sin"])  # [B, K*H, T, Dh]
     d_kv = np.concatenate([part.transpose(0, 2, 1, 3).reshape(batch * tokens, heads * head_dim)
                            for part in (d_k, d_v)], axis=1)  # [N, 2*H*Dh]: keys then values, as kv_proj's rows
     d_x_kv, d_kv_proj = linear_backward(d_kv, x2d, w.kv_proj)
     d_query = d_q.reshape(batch, top_k, heads, tokens, head_dim).transpose(0, 3, 1, 2, 4)  # [B, T, K, H, Dh]
+    d_query = trace.record("query", d_query.reshape(batch, tokens, top_k, heads * head_dim))  # [B, T, K, H*Dh]
     d_x_map, d_input_linear = moa_map_backward(d_query.reshape(batch * tokens, top_k, heads * head_dim), x2d, plan,
                                                w.input_linear)
     d_logits = top_k_gates_backward(d_gates, plan)  # [N, E]
     if d_router_logits is not None:
         d_logits += d_router_logits
+    with trace.scope("router"):
+        d_logits = trace.record("logits", d_logits)
     d_x_router, d_router = top_k_gating_backward(d_logits, x2d, w.router)
     grads = dict(router=d_router, input_linear=d_input_linear, output_linear=d_output_linear, bias=d_bias,
                  kv_proj=d_kv_proj)

@@ -127,15 +127,23 @@ def moe_backward(d_y, saved, w, d_router_logits=None):
     # -> d_x [B, T, D], {router, input_linear, output_linear, bias: gradients of w's tensors}
     # Saves per token: x (D), then per slot the gathered x (D), h (2F), act (F) and the slot output (D), so
     # (D + K*(2D + 3F)) numbers; at the bundled shape (D=128, K=2, F=256) 2,176 floats = 8.5 KiB a token.
+    # Each gradient of one of moe's trace points is the trace point grad.<its name> (reference/model.py backward).
     plan = saved["plan"]
+    d_y = trace.record("output", d_y)
     d_y2d = d_y.reshape(-1, d_y.shape[-1])  # [N, D]
     d_slot_y, d_gates, d_bias = combine_backward(d_y2d, saved["slot_y"], plan.top_k_gates)
+    d_slot_y = trace.record("expert_out", d_slot_y)  # [N, K, D]
+    with trace.scope("router"):
+        d_gates = trace.record("top_k_gates", d_gates)  # [N, K]
     d_act, d_output_linear = grouped_linear_backward(group(d_slot_y, plan), saved["act"], w.output_linear, plan)
+    d_act = trace.record_view("expert_act", d_act, lambda a: ungroup(a, plan), lambda a: group(a, plan))  # [N, K, F]
     d_h = swiglu_backward(d_act, saved["h"])  # [N*K, 2F]
     d_grouped_x, d_input_linear = grouped_linear_backward(d_h, saved["grouped_x"], w.input_linear, plan)
     d_logits = top_k_gates_backward(d_gates, plan)  # [N, E]
     if d_router_logits is not None:
         d_logits += d_router_logits
+    with trace.scope("router"):
+        d_logits = trace.record("logits", d_logits)
     d_x_router, d_router = top_k_gating_backward(d_logits, saved["x2d"], w.router)
     d_x = gather_backward(d_grouped_x, plan) + d_x_router  # [N, D]
     grads = dict(router=d_router, input_linear=d_input_linear, output_linear=d_output_linear, bias=d_bias)

@@ -47,11 +47,20 @@ def block(h, w, cos, sin, mask, cache, layer_idx, config, saved=None):
 def block_backward(d_out, saved, w, config, d_router_logits=(None, None)):
     # d_out: [B, T, D], saved: block's dict, d_router_logits: (attention [N, E], mlp [N, E]) from the aux loss
     # -> d_h [B, T, D], BlockWeights of gradients. Each residual passes its gradient through unchanged.
-    d_x, mlp = moe_backward(d_out, saved["mlp"], w.mlp, d_router_logits[1])
+    # Traced as grad.<forward name> (reference/trace.py): a branch's output gradient is recorded apart from the
+    # residual's, so a substituted branch gradient (jetmoe debug compare --backward --isolate) flows back through
+    # that branch alone while the residual path carries the gradient of the sum.
+    d_out = trace.record("output", d_out)
+    with trace.scope("mlp"):
+        d_x, mlp = moe_backward(d_out, saved["mlp"], w.mlp, d_router_logits[1])
+    d_x = trace.record("post_attention_layernorm", d_x)
     d_mid, d_post_norm = rms_norm_backward(d_x, saved["post_attention_residual"], w.post_attention_layernorm,
                                            BLOCK_NORM_EPS)
     d_mid += d_out
-    d_x, attention = moa_backward(d_mid, saved["attention"], w.attention, config, d_router_logits[0])
+    d_mid = trace.record("post_attention_residual", d_mid)
+    with trace.scope("attention"):
+        d_x, attention = moa_backward(d_mid, saved["attention"], w.attention, config, d_router_logits[0])
+    d_x = trace.record("input_layernorm", d_x)
     d_h, d_input_norm = rms_norm_backward(d_x, saved["input"], w.input_layernorm, BLOCK_NORM_EPS)
     d_h += d_mid
     return d_h, BlockWeights(d_input_norm, ExpertWeights(**attention), d_post_norm, ExpertWeights(**mlp))
@@ -336,14 +345,21 @@ def batch_shards(batch, count):
 def backward(model, saved, d_logits, d_router_logits):
     # d_logits: [B, T, V], d_router_logits: 2L x ([N, E] or None), saved: the forward's dict
     # -> {state_dict name: gradient} of a JetMoeForCausalLM
+    # Each gradient of a trace point is itself a trace point, grad.<forward name>, from the loss towards the
+    # embeddings (jetmoe debug dump --backward).
     config, base = model.config, model.model
-    d_hidden, d_lm_head = linear_backward(d_logits, saved["final_hidden"], model.lm_head)
-    d_h, d_norm = rms_norm_backward(d_hidden, saved["final_norm_input"], base.norm, config.rms_norm_eps)
-    grads = {"norm.weight": d_norm}
-    for i in reversed(range(config.num_hidden_layers)):
-        d_h, block_grads = block_backward(d_h, saved["blocks"][i], base.layers[i], config,
-                                          d_router_logits[2 * i: 2 * i + 2])
-        grads.update(zip(block_leaves(block_names(i)), block_leaves(block_grads)))
+    with trace.scope("grad"):
+        d_logits = trace.record("logits", d_logits)
+        d_hidden, d_lm_head = linear_backward(d_logits, saved["final_hidden"], model.lm_head)
+        d_hidden = trace.record("norm", d_hidden)
+        d_h, d_norm = rms_norm_backward(d_hidden, saved["final_norm_input"], base.norm, config.rms_norm_eps)
+        grads = {"norm.weight": d_norm}
+        for i in reversed(range(config.num_hidden_layers)):
+            with trace.scope(f"layers.{i}"):
+                d_h, block_grads = block_backward(d_h, saved["blocks"][i], base.layers[i], config,
+                                                  d_router_logits[2 * i: 2 * i + 2])
+            grads.update(zip(block_leaves(block_names(i)), block_leaves(block_grads)))
+        d_h = trace.record("embed_tokens", d_h)
     grads["embed_tokens.weight"] = embedding_backward(d_h, saved["input_ids"], config.vocab_size, config.pad_token_id)
     grads = {"model." + name: g for name, g in grads.items()}
     if config.tie_word_embeddings:
