@@ -1,5 +1,5 @@
 """`python -m jetmoe ...` is the `jetmoe` command."""
 
-from .cli import console_main
+from .command import console_main
 
 console_main()

@@ -1,20 +1,11 @@
-"""The `jetmoe` command: one entry point for the tools over the reference (and the GPU twin).
-
-    jetmoe generate --model weights/jetmoe-tiny-shakespeare --prompt "ROMEO:"
-    jetmoe evaluate --model MODEL --text-file build/corpus/validation.txt --context 256
-    jetmoe debug compare MODEL hf --prompt "ROMEO:"
-    jetmoe debug dump MODEL --prompt "ROMEO:" --out trace.safetensors
-    jetmoe train --config configs/jetmoe-tiny-shakespeare.json --out build/train/tiny
-
-`python -m jetmoe` is the same command. This module also holds what the tools share: loading a model directory
-with its tokenizer, argument checks, and turning a bad input into one line on stderr and a non-zero exit instead
-of a traceback.
+"""What the tools of the `jetmoe` command share (the command itself: jetmoe/command.py): loading a model directory
+with its tokenizer, argument checks, peak memory, and USER_ERRORS, the exceptions that become one `error:` line
+on stderr and a non-zero exit instead of a traceback.
 """
 
 import argparse
 import math
 import os
-import sys
 import threading
 
 import numpy as np
@@ -168,43 +159,3 @@ def number(text, kind):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                          f"got {text!r}") from None
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one `error:` line that points to --help (not the whole usage block);
-    subcommands' parsers are of the same class."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
-
-
-def parser():
-    """The whole command line: one subcommand per tool, each module adding its own arguments."""
-    from . import debug, evaluate, generate, train
-    top = Parser(prog="jetmoe", description=__doc__.split("\n")[0])
-    tools = top.add_subparsers(dest="tool", required=True, metavar="{generate,evaluate,debug,train}")
-    for module in (generate, evaluate, debug, train):
-        name = module.__name__.rsplit(".", 1)[1]
-        summary = module.__doc__.split("\n")[0]
-        module.add_arguments(tools.add_parser(name, help=summary, description=summary))
-    return top
-
-
-def main(argv=None):
-    """Runs one tool; a USER_ERRORS exception becomes `error: <message>` on stderr and exit status 1, Ctrl-C exit
-    status 130 (`jetmoe train` catches the first Ctrl-C itself to write a checkpoint)."""
-    args = parser().parse_args(argv)
-    try:  # NaN and inf are checked where they matter (jetmoe/finite.py names the trace point): no per-op warnings
-        with np.errstate(all="ignore"):
-            return args.run(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback
-        print("error: interrupted", file=sys.stderr)
-        return 130
-
-
-def console_main():
-    """The console-script entry point declared in pyproject.toml."""
-    sys.exit(main())

@@ -410,9 +410,6 @@ def writable(path, what):
 
 def run_compare(args):
     cli.check_model_directory(args.model)
-    if args.backward:
-        from .debug_backward import run_compare_backward
-        return run_compare_backward(args)
     a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
     config = JetMoeConfig.from_pretrained(args.model)
     for side in (a, b):  # a trace file is untrusted: checked against the model before any work
@@ -513,9 +510,6 @@ def dump_path(out):
 
 
 def run_dump(args):
-    if args.backward:
-        from .debug_backward import run_dump_backward
-        return run_dump_backward(args)
     out = dump_path(args.out)
     writable(out, "trace")
     model, tokenizer = cli.load(args.model, args.dtype, args.device, finite=False)  # a NaN is written, and said

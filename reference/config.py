@@ -44,11 +44,11 @@ def _rope_theta_sources(values):
         if block is None:
             continue
         if not isinstance(block, dict):
-            raise ValueError(f"JetMoeConfig.{key} must be None or a dict, got {block!r}")
+            raise ValueError(f"JetMoeConfig.{key} must be None or a dict, got {shown(block)}")
         rope_type = block.get("rope_type", block.get("type", "default"))
         unknown = sorted(set(block) - {"rope_type", "type", "rope_theta"})
         if rope_type != "default" or unknown:
-            raise ValueError(f"JetMoeConfig.{key}={block!r} is not supported: only default RoPE (rope_type "
+            raise ValueError(f"JetMoeConfig.{key}={shown(block)} is not supported: only default RoPE (rope_type "
                              "'default', with at most rope_theta) is implemented")
         if block.get("rope_theta") is not None:
             sources[f"{key}.rope_theta"] = block["rope_theta"]
@@ -64,7 +64,7 @@ def read_transformers5_keys(values):
     values = dict(values)
     sources = _rope_theta_sources(values)
     if len(set(map(repr, sources.values()))) > 1:
-        stated = ", ".join(f"{k}={v!r}" for k, v in sources.items())
+        stated = ", ".join(f"{k}={shown(v)}" for k, v in sources.items())
         raise ValueError(f"config.json states RoPE's base twice with different values ({stated}): transformers "
                          "4.56.2 reads rope_theta, 5.x rope_parameters; which one is meant is ambiguous")
     values.pop("rope_parameters", None)  # written back from rope_theta by to_dict
@@ -72,12 +72,12 @@ def read_transformers5_keys(values):
     if "head_dim" in values:
         head_dim = values.pop("head_dim")
         if "kv_channels" in values and values["kv_channels"] != head_dim:
-            raise ValueError(f"config.json gives kv_channels={values['kv_channels']!r} and head_dim={head_dim!r}: "
+            raise ValueError(f"config.json gives kv_channels={shown(values['kv_channels'])} and head_dim={shown(head_dim)}: "
                              "transformers 5 reads head_dim as kv_channels, so they must agree")
         values["kv_channels"] = head_dim
     factor = values.pop("partial_rotary_factor", None)
     if factor not in (None, 1, 1.0):
-        raise ValueError(f"JetMoeConfig.partial_rotary_factor={factor!r} is not supported: JetMoE rotates whole "
+        raise ValueError(f"JetMoeConfig.partial_rotary_factor={shown(factor)} is not supported: JetMoE rotates whole "
                          "heads (transformers 5 would rotate only part of each)")
     return values
 

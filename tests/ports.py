@@ -16,7 +16,7 @@ import reference.experts
 import reference.model
 import reference.routing
 import jetmoe.cli
-from jetmoe.cli import main
+from jetmoe.command import main
 from reference import JetMoeForCausalLM
 from reference.routing import softmax
 

@@ -4,7 +4,8 @@
 - gpu/ (the CuPy twin): reference, cupy, cudasim, numpy, the standard library and itself (bf16 via
   reference.weights.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
 - cudasim/ (the CPU execution backend for CUDA C++): numpy, the standard library and itself (it knows no JetMoE);
-- notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/.
+- notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/;
+- no import cycle among the project's modules (reference, gpu, cudasim, jetmoe), imports inside functions included.
 
 An import is `import x`, `from x import y` (a relative `from . import y` is the package itself), or a call
 `importlib.import_module("x")` / `import_module("x")` / `__import__("x")`; a dynamic import whose module is not a
@@ -205,3 +206,77 @@ def test_notebook_checker_reports_jetmoe(tmp_path):
     assert [number for number, _ in cells] == [1, 2, 3]
     assert [notebook_violations(code, f"cell {number}") for number, code in cells] == [
         [], ["cell 2:2: imports jetmoe.debug"], ["cell 3:2: imports jetmoe"]]
+
+
+# ------------------------------------------------------------------------------------------- import cycles
+
+PROJECT = ("reference", "gpu", "cudasim", "jetmoe")
+
+
+def module_name(path):
+    # reference/model.py -> reference.model, gpu/__init__.py -> gpu
+    name = path[:-3].replace(os.sep, ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def module_imports(name, source, modules):
+    """The project modules `name` imports: `from . import x` names the submodule x (not the package), and
+    `from .m import f` the module m."""
+    package = name if name in modules and any(m.startswith(name + ".") for m in modules) else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+            found.update(submodules)
+            if len(submodules) < len(node.names):
+                found.add(base)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_cycles(graph):
+    """Every cycle of a {module: imported modules} graph, each as a list closed on its first module."""
+    cycles, done = [], set()
+
+    def visit(node, path):
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            if not any(set(cycle) == set(c) for c in cycles):
+                cycles.append(cycle)
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, path + [node])
+        done.add(node)
+
+    for start in sorted(graph):
+        visit(start, [])
+    return cycles
+
+
+def project_graph():
+    paths = {module_name(p): p for package in PROJECT for p in python_files(package)}
+    graph = {}
+    for name, path in paths.items():
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            graph[name] = module_imports(name, f.read(), paths)
+    return graph
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(project_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_names_a_cycle():
+    modules = {"pkg", "pkg.a", "pkg.b", "pkg.c"}
+    graph = {m: module_imports(m, src, modules) for m, src in [
+        ("pkg.a", "from . import b\n"), ("pkg.b", "def f():\n    from .c import g\n"), ("pkg.c", "from pkg import a\n"),
+        ("pkg", "from .a import x\n")]}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]

@@ -76,6 +76,7 @@ def dump(name, out, model_dir=MODEL, dtype="float32"):
     """Write the trace of exercise `name`'s port to `out`; returns (model directory, the debugger's argv after
     `jetmoe debug compare`)."""
     import jetmoe.cli
+    import jetmoe.command
     from reference import JetMoeForCausalLM
     module = exercise(name)
     model_dir = model_dir_of(name, os.path.dirname(os.path.abspath(out)), model_dir)
@@ -88,7 +89,7 @@ def dump(name, out, model_dir=MODEL, dtype="float32"):
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     with patched([*module.patches(model), (jetmoe.cli, "JetMoeForCausalLM", Loaded)]):
-        if jetmoe.cli.main(argv) != 0:
+        if jetmoe.command.main(argv) != 0:
             raise RuntimeError(f"the dump of exercise {name} failed")
     return model_dir, [model_dir, str(out), *module.COMPARE]
 

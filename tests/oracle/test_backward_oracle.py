@@ -10,7 +10,7 @@ from oracle_env import require_oracle
 
 torch, transformers = require_oracle()
 
-from jetmoe.cli import main  # noqa: E402
+from jetmoe.command import main  # noqa: E402
 from notebooks import zoo  # noqa: E402
 from reference import JetMoeForCausalLM  # noqa: E402
 

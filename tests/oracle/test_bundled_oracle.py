@@ -97,7 +97,7 @@ def test_filtered_probabilities_equal_hf_warpers(tokenizer, seed, temperature, t
 def debug_rows(capsys, *argv):
     """(status, rows) of `jetmoe debug compare ... --json`."""
     import json
-    from jetmoe.cli import main
+    from jetmoe.command import main
     capsys.readouterr()
     status = main(["debug", "compare", MODEL, *map(str, argv), "--json"])
     return status, [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -52,7 +52,7 @@ def base(tmp_path_factory):
     (model / "tokenizer_config.json").write_text('{"add_bos_token": true}')
     (model / "train_log.json").write_text(json.dumps({"train": {"tokens": 16}}))
     (root / "text.txt").write_text(TEXT)
-    from jetmoe.cli import main
+    from jetmoe.command import main
     assert main(["debug", "dump", str(model), "--prompt", "ROMEO:", "--max-new-tokens", "2",
                  "--out", str(root / "trace.safetensors")]) == 0
     outside = root / "outside"  # valid files, each marked: what a followed link would read
@@ -401,8 +401,12 @@ CASES = {
     "index-60000-shards": (many_shards, r"lists shard 'extra-00000.safetensors', which is missing"),
     # ---- config values: types and finiteness, token ids in range (never an OverflowError)
     "config-eps-inf": (config_text(b'{"rms_norm_eps": Infinity}'), r"rms_norm_eps must be a finite number, got inf"),
-    "config-theta-inf": (config_values(rope_theta=float("inf")), r"rope_theta must be a finite number, got inf"),
-    "config-theta-nan": (config_values(rope_theta=float("nan")), r"rope_theta must be a finite number, got nan"),
+    "config-theta-inf": (config_values(rope_theta=float("inf"), rope_parameters=dict(rope_type="default",
+                                                                                rope_theta=float("inf"))),
+                         r"rope_theta must be a finite number, got inf"),
+    "config-theta-nan": (config_values(rope_theta=float("nan"), rope_parameters=dict(rope_type="default",
+                                                                                rope_theta=float("nan"))),
+                         r"rope_theta must be a finite number, got nan"),
     "config-aux-nan": (config_values(aux_loss_coef=float("nan")), r"aux_loss_coef must be a finite number"),
     "config-tie-string": (config_values(tie_word_embeddings="false"),
                           r"tie_word_embeddings must be true or false \(a JSON boolean\), got 'false'"),

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import reference
-from jetmoe.cli import main
+from jetmoe.command import main
 from jetmoe.debug import Forwards, run_forwards
 from reference import JetMoeForCausalLM, trace
 from reference.generation import positions_from_mask

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import reference.model
-from jetmoe.cli import main
+from jetmoe.command import main
 from jetmoe.debug_backward import backward_order, labels_of
 from reference import JetMoeForCausalLM, value_and_grad
 from reference.generation import positions_from_mask

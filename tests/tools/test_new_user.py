@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jetmoe.cli import main
+from jetmoe.command import main
 from reference import JetMoeForCausalLM
 from reference.tokenizer import Tokenizer
 from reference.trace import capture

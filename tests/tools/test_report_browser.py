@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from jetmoe.cli import main
+from jetmoe.command import main
 from notebooks import zoo
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jetmoe import roofline
-from jetmoe.cli import main
+from jetmoe.command import main
 from reference import JetMoeForCausalLM
 
 from paths import TINY_MODEL as MODEL

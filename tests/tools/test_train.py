@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jetmoe import cli, corpus, train
+from jetmoe import cli, command, corpus, train
 from reference import JetMoeForCausalLM
 
 from paths import ROOT
@@ -57,7 +57,7 @@ def write_config(path, model=None, recipe=None):
 
 def train_run(corpus_dir, *args):
     """(exit status) of `jetmoe train --corpus corpus_dir <args>`, in this process."""
-    return cli.main(["train", "--corpus", corpus_dir, *args])
+    return command.main(["train", "--corpus", corpus_dir, *args])
 
 
 def test_the_corpus_is_cleaned_and_split_by_play(corpus_dir):

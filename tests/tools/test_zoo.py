@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jetmoe.cli import main
+from jetmoe.command import main
 from notebooks import zoo
 
 
