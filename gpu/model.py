@@ -11,7 +11,7 @@ check_inputs (one small copy), then everything runs on the device. Outputs are C
 import numpy as np
 
 from reference import trace
-from reference.checkpoint import read_checkpoint_tensors, select_tensors
+from reference.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
 from reference.config import JetMoeConfig
 from reference.inputs import check_inputs, pooling_positions, to_numpy
 from reference.losses import causal_lm_losses, classification_loss
@@ -102,9 +102,12 @@ class _Pretrained:
     head = "base"
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32):
+    def from_pretrained(cls, path, dtype=np.float32, finite=True):
+        # finite: refuse weights holding NaN or inf, as the reference's from_pretrained does (checked on the host)
         config = JetMoeConfig.from_pretrained(path)
         base, head = select_tensors(read_checkpoint_tensors(path), config, cls.head, np.float32)
+        if finite:
+            check_finite({**base, **head})
         return cls(config, base, head, dtype=dtype)
 
     @classmethod

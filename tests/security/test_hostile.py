@@ -168,6 +168,10 @@ def generate(model):
             "--no-stats"]
 
 
+def generate_on_the_twin(model):  # the GPU twin (on the CPU emulator where there is no GPU)
+    return generate(model) + ["--device", "gpu"]
+
+
 def evaluate(model):
     return ["evaluate", "--model", str(model), "--text-file", str(model.parent / "text.txt")]
 
@@ -429,6 +433,7 @@ CASES = {
     "weight-nan-generate": (weight_values(norm(1), np.nan), rf"tensor '{norm(1)[6:]}' holds nan at index \[8\]"),
     "weight-inf-evaluate": (weight_values("model.embed_tokens.weight", np.inf, evaluate), r"holds inf at index"),
     "weight-nan-compare": (weight_values(norm(0), np.nan, compare), r"holds nan at index"),
+    "weight-inf-gpu-twin": (weight_values(norm(1), np.inf, generate_on_the_twin), r"holds inf at index"),
     # the final norm's weight 3e38 at feature 8 (finite, so loading takes it) overflows the norm's output there
     "overflow-generate": (weight_values("model.norm.weight", 3e38),
                           r"logits of generate's forward 0 .* hold NaN or inf: the first non-finite value appears at "
