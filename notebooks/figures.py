@@ -283,3 +283,27 @@ def draw_loss_curve(log, title):
     load.set(xlabel="step", ylabel="% of choices", title="least loaded expert of any router")
     load.legend(fontsize=8)
     return fig
+
+
+def draw_online_softmax(scores, tile, running_max, running_sum):
+    """scores: [S] one query row's scaled scores; running_max / running_sum: [S / tile] the online softmax's m and l
+    after each tile -> the figure: the scores in their key tiles with m drawn across each tile, and l, rescaled by
+    e^(m_old - m_new) at each tile, reaching the full softmax's sum at the last."""
+    keys = np.arange(len(scores))
+    edges = np.minimum(np.arange(len(running_max) + 1) * tile, len(scores)) - 0.5  # [tiles + 1] tile boundaries
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for i in range(len(running_max)):
+        top.axvspan(edges[i], edges[i + 1], color="0.92" if i % 2 else "0.85", zorder=0)
+    top.plot(keys, scores, ".", color="tab:blue", label="scores q·k/√Dh of one query row")
+    top.stairs(running_max, edges, baseline=None, color="tab:red", label="running max m after each tile")
+    top.set_ylabel("score")
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(f"online softmax: the keys in tiles of {tile}, one pass, no row of probabilities stored")
+    full = np.exp(scores - scores.max()).sum()
+    bottom.stairs(running_sum, edges, baseline=None, color="tab:green", label="running sum l after each tile (at its m)")
+    bottom.axhline(full, color="k", linestyle=":", label="full softmax's sum, Σ e^(s - max s)")
+    bottom.set_xlabel("key position s")
+    bottom.set_ylabel("l")
+    bottom.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
