@@ -6,7 +6,6 @@ Each bug is a patch (module, attribute, replacement) applied while the port runs
 only recognise it by the weights they are called with, as a port's bug might live in one code path.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -17,23 +16,11 @@ import reference.model
 import reference.routing
 import jetmoe.cli
 from jetmoe.command import main
+from notebooks.zoo import exercise, patched
 from reference import JetMoeForCausalLM
 from reference.routing import softmax
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?"]
-
-
-@contextlib.contextmanager
-def patched(*patches):
-    """Apply (module, attribute, value) patches for the block, then restore the originals."""
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, value in patches:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def attention_probs_repeat_interleave(q, k, mask):
@@ -67,7 +54,7 @@ def gate_bug(model, layer):
     def top_k_gating(x, router_weight, top_k):
         if router_weight is not router:
             return original(x, router_weight, top_k)
-        with patched((reference.routing, "top_k_gates_of", gates_over_all_experts)):
+        with patched([(reference.routing, "top_k_gates_of", gates_over_all_experts)]):
             return original(x, router_weight, top_k)
     return [(reference.experts, "top_k_gating", top_k_gating)]
 
@@ -88,7 +75,7 @@ def interleaved_rope_bug(layer):
     def moa(x, w, cos, sin, mask, cache, layer_idx, config, saved=None):
         if layer_idx != layer:
             return original(x, w, cos, sin, mask, cache, layer_idx, config, saved)
-        with patched((reference.attention, "apply_rope", apply_rope_interleaved)):
+        with patched([(reference.attention, "apply_rope", apply_rope_interleaved)]):
             return original(x, w, cos, sin, mask, cache, layer_idx, config, saved)
     return [(reference.model, "moa", moa)]
 
@@ -103,16 +90,9 @@ def final_norm_eps_bug(model, eps):
 
 
 def decode_cache_position_bug():
-    """cache_position one short in decode steps only (the prefill is right): the newest key is masked out."""
-    original = reference.model.check_inputs
-
-    def check_inputs(config, *args, **kwargs):
-        checked = original(config, *args, **kwargs)
-        cache = args[-1] if args else kwargs.get("cache")
-        if cache is None or cache.get_seq_length() == 0:
-            return checked
-        return (*checked[:4], checked[4] - 1)
-    return [(reference.model, "check_inputs", check_inputs)]
+    """cache_position one short in decode steps only (the prefill is right): the newest key is masked out (the bug
+    zoo's decode_position port)."""
+    return exercise("decode_position").patches(None)
 
 
 def port_trace(path, model_dir, patches=(), dtype="float32", max_new_tokens=0, prompts=PROMPTS):
@@ -128,6 +108,6 @@ def port_trace(path, model_dir, patches=(), dtype="float32", max_new_tokens=0, p
     class Loaded:  # the dump must run the very model the weight-keyed patches know
         from_pretrained = staticmethod(lambda *args, **kwargs: model)
 
-    with patched(*patches, (jetmoe.cli, "JetMoeForCausalLM", Loaded)):
+    with patched([*patches, (jetmoe.cli, "JetMoeForCausalLM", Loaded)]):
         assert main(argv) == 0
     return str(path)

@@ -24,7 +24,7 @@ def dump(path, *flags, dtype="float64", patches=()):
     argv = ["debug", "dump", MODEL, "--out", str(path), "--dtype", dtype, "--backward", *flags]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
-    with patched(*patches):
+    with patched(patches):
         assert main(argv) == 0
     return str(path)
 
