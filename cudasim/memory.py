@@ -24,15 +24,16 @@ class Memory:
 
     def __init__(self, size):
         base, length = ctypes.c_size_t(), ctypes.c_size_t()
-        ptr = compiler.core().cudasim_malloc(max(int(size), 1), ctypes.byref(base), ctypes.byref(length))
+        core = compiler.core()
+        ptr = core.cudasim_malloc(max(int(size), 1), ctypes.byref(base), ctypes.byref(length))
         if not ptr:
             raise OutOfMemoryError(f"cudasim: cannot map {size} bytes")
         self.ptr, self.size, self._base, self._length = ptr, int(size), base.value, length.value
+        self._free = core.cudasim_free  # held here: at interpreter exit the module's globals may be gone first
         _live[self._base] = self
 
     def __del__(self):
-        if compiler._core is not None:
-            compiler._core.cudasim_free(self._base, self._length)
+        self._free(self._base, self._length)
 
 
 class MemoryPointer:
