@@ -615,7 +615,8 @@ def test_transformers_loads_reference_checkpoint(seed, rng, tmp_path, tie):
     model.save_pretrained(tmp_path)
     hf, info = transformers.JetMoeForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float64,
                                                               attn_implementation="eager", output_loading_info=True)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == [], info
+    # lists in 4.56.2, sets in 5.x: empty either way
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == tie
     ids = clear_routing_ids(model, rng)
     with torch.no_grad():
