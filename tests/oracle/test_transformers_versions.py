@@ -92,7 +92,7 @@ def test_v5_config_read_by_each_version(rng, tmp_path):
 def test_causal_lm_aux_loss(rng, seed, tmp_path):
     # 4.56.2's JetMoeForCausalLM crashes when asked for router logits (transformers#31791); 5.25 returns an aux_loss
     # equal to HF's pooled load-balancing loss, the reference's "hf" kind (5.17-5.23 counted the attention router
-    # twice, 0.36% off). Both return two router-logit tensors per layer from JetMoeModel.
+    # twice). Both return two router-logit tensors per layer from JetMoeModel.
     config = config_dict(rng)
     hf_oracle.save_checkpoint(config, tmp_path, seed)
     ids = torch.from_numpy(rng.integers(0, config["vocab_size"], size=(2, 9)))
