@@ -4,7 +4,7 @@
     jetmoe debug compare MODEL port.safetensors [ref] [--isolate] [--only GLOB] [--json] [--plot errors.png]
     jetmoe debug compare MODEL hf:bfloat16 --prompt "ROMEO:" --isolate      # HF's own bf16 against the reference
     jetmoe debug step MODEL --prompt "ROMEO:" --break "layers.1.mlp.*"     # pdb where each matching tensor is made
-    jetmoe debug dump|compare ... --backward [--aux]   # the gradients too, from the loss back (jetmoe/debug_backward.py)
+    jetmoe debug dump|compare ... --backward [--aux]   # the gradients too, from the loss back (debug_backward.py)
     jetmoe debug compare ... --html report.html         # one self-contained file to attach (jetmoe/report.py)
 
 `compare MODEL A [B]` compares two implementations, B defaulting to `ref`. Each side is a trace file (.safetensors,

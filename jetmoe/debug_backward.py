@@ -14,8 +14,9 @@ Besides the forward's trace it records
 
 `compare --backward` compares two such traces from the loss towards the embeddings (rows, verdicts and exit
 status as the forward compare, jetmoe/debug.py) and names the first divergent gradient. A side is a trace file,
-`ref`, or `hf` (torch autograd on HF's JetMoe, jetmoe/hf_backward.py; the oracle extra). With --isolate the reference recomputes every gradient from the other side's upstream gradient (and
-its forward from the other side's activations), so each backward op is judged alone. At a residual sum the
+`ref`, or `hf` (torch autograd on HF's JetMoe, jetmoe/hf_backward.py; the oracle extra). With --isolate the
+reference recomputes every gradient from the other side's upstream gradient (and its forward from the other side's
+activations), so each backward op is judged alone. At a residual sum the
 branch's gradient (grad.layers.i.mlp.output) flows back through that branch alone, while the residual path
 carries the gradient of the sum (grad.layers.i.output), as the math does: a correct layer is never blamed for a
 branch's bug. docs/porting.md shows how a port writes such a trace with torch hooks.
@@ -221,7 +222,8 @@ def run_compare_backward(args):
     if not names:
         raise ValueError(f"{a.label} and {b.label} share no gradients{' matching --only' if args.only else ''}")
     rows = debug.make_rows(names, a.trace, b.trace, rtol, args.atol, args.isolate)
-    title = f"{debug.side_title(a)} vs {debug.side_title(b)}, gradients of {loss_kind(aux)}{' (--isolate)' if args.isolate else ''}"
+    title = (f"{debug.side_title(a)} vs {debug.side_title(b)}, gradients of {loss_kind(aux)}"
+             f"{' (--isolate)' if args.isolate else ''}")
     return debug.report(args, a, b, rows, forwards, notes, rtol, title, "gradient")
 
 

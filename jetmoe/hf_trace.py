@@ -1,7 +1,7 @@
 """Hugging Face's JetMoe forward, recorded under the reference's trace names (README.md "Trace names").
 
-Used by `jetmoe debug compare MODEL hf`, the oracle tests and notebook 07; needs the oracle
-extra (CPU torch, transformers 4.56.2 or the pinned newest 5.x). Forward hooks on HF's modules catch what each module returns; where HF
+Used by `jetmoe debug compare MODEL hf`, the oracle tests and notebook 07; needs the oracle extra (CPU torch,
+transformers 4.56.2 or the pinned newest 5.x). Forward hooks on HF's modules catch what each module returns; where HF
 keeps a tensor in expert-sorted order (the expert projections see their inputs grouped by expert), it is put back
 into the reference's slot order [N, K, ...] with HF's own index_sorted_experts. Two intermediates live inside
 plain functions rather than modules: the RoPE outputs are caught by wrapping HF's apply_rotary_pos_emb while the

@@ -162,7 +162,8 @@ def routing_map(trace_a, trace_b):
              for n in routers]
     tokens = max(len(a) for a in agree)
     cell, left = max(2, min(16, 800 // max(tokens, 1))), 260
-    parts = [f'<svg id="routing-map" xmlns="http://www.w3.org/2000/svg" width="{max(left + cell * tokens + 10, left + 420)}" '
+    width = max(left + cell * tokens + 10, left + 420)
+    parts = [f'<svg id="routing-map" xmlns="http://www.w3.org/2000/svg" width="{width}" '
              f'height="{14 * len(routers) + 30}" role="img" aria-label="routing agreement">']
     for i, (name, shares) in enumerate(zip(routers, agree)):
         parts.append(f'<text x="{left - 6}" y="{14 * i + 11}" font-size="10" text-anchor="end">'

@@ -229,7 +229,8 @@ def token_streams(tokenizer_json, config, train_works, validation_works):
     tokenizer.check_fits(config.vocab_size, "the tokenizer")
     if not isinstance(config.eos_token_id, int):
         raise ValueError(f"training needs one eos_token_id to end each play, got {config.eos_token_id!r}")
-    return tuple(corpus.token_stream(tokenizer, works, config.eos_token_id) for works in (train_works, validation_works))
+    return tuple(corpus.token_stream(tokenizer, works, config.eos_token_id)
+                 for works in (train_works, validation_works))
 
 
 def resume(args):

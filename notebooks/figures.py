@@ -300,7 +300,8 @@ def draw_online_softmax(scores, tile, running_max, running_sum):
     top.legend(loc="lower right", fontsize=8)
     top.set_title(f"online softmax: the keys in tiles of {tile}, one pass, no row of probabilities stored")
     full = np.exp(scores - scores.max()).sum()
-    bottom.stairs(running_sum, edges, baseline=None, color="tab:green", label="running sum l after each tile (at its m)")
+    bottom.stairs(running_sum, edges, baseline=None, color="tab:green",
+                  label="running sum l after each tile (at its m)")
     bottom.axhline(full, color="k", linestyle=":", label="full softmax's sum, Σ e^(s - max s)")
     bottom.set_xlabel("key position s")
     bottom.set_ylabel("l")

@@ -63,7 +63,8 @@ def read_transformers5_keys(values):
     of kv_channels (attribute_map); `partial_rotary_factor` (5.x rotates only part of each head) is refused."""
     values = dict(values)
     sources = _rope_theta_sources(values)
-    if len(set(map(repr, sources.values()))) > 1:
+    stated_values = {repr(float(v)) if _is_real(v) else repr(v) for v in sources.values()}  # 500 is 500.0; nan is nan
+    if len(stated_values) > 1:
         stated = ", ".join(f"{k}={shown(v)}" for k, v in sources.items())
         raise ValueError(f"config.json states RoPE's base twice with different values ({stated}): transformers "
                          "4.56.2 reads rope_theta, 5.x rope_parameters; which one is meant is ambiguous")
@@ -72,8 +73,9 @@ def read_transformers5_keys(values):
     if "head_dim" in values:
         head_dim = values.pop("head_dim")
         if "kv_channels" in values and values["kv_channels"] != head_dim:
-            raise ValueError(f"config.json gives kv_channels={shown(values['kv_channels'])} and head_dim={shown(head_dim)}: "
-                             "transformers 5 reads head_dim as kv_channels, so they must agree")
+            raise ValueError(f"config.json gives kv_channels={shown(values['kv_channels'])} and "
+                             f"head_dim={shown(head_dim)}: transformers 5 reads head_dim as kv_channels, so they must "
+                             "agree")
         values["kv_channels"] = head_dim
     factor = values.pop("partial_rotary_factor", None)
     if factor not in (None, 1, 1.0):

@@ -449,7 +449,8 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0):
             rows.append(Divergence(name, "missing in trace_b", float("nan"), float("nan"), False))
             continue
         rows.append(compare_tensor(name, trace_a[name], trace_b[name], rtol, atol))
-    rows += [Divergence(n, "missing in trace_a", float("nan"), float("nan"), False) for n in trace_b if n not in trace_a]
+    rows += [Divergence(n, "missing in trace_a", float("nan"), float("nan"), False)
+             for n in trace_b if n not in trace_a]
     first = next((r for r in rows if not r.ok), None)
     return first, rows
 

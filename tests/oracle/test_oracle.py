@@ -288,12 +288,12 @@ def small_checkpoint(tmp_path_factory):
 
 
 def test_hf_causal_lm_crashes_on_router_logits(small_checkpoint):
-    """transformers 4.56.2, #31791: JetMoeForCausalLM.forward reads self.num_experts (and self.num_experts_per_tok), which
-    it never sets, as soon as output_router_logits=True, so HF cannot give the aux loss itself. Supplying them is
-    not enough either: forward never passes output_router_logits on to JetMoeModel, so without
-    config.output_router_logits=True the router logits are None and the aux loss is the int 0 (with labels,
-    `loss += coef * aux_loss.to(...)` then crashes). With all three set, HF's forward computes exactly what
-    hf_oracle uses as the aux-loss oracle: load_balancing_loss_func on JetMoeModel's router logits."""
+    """transformers 4.56.2, #31791: JetMoeForCausalLM.forward reads self.num_experts (and self.num_experts_per_tok),
+    which it never sets, as soon as output_router_logits=True, so HF cannot give the aux loss itself. Supplying them
+    is not enough either: forward never passes output_router_logits on to JetMoeModel, so without
+    config.output_router_logits=True the router logits are None and the aux loss is the int 0 (with labels, `loss +=
+    coef * aux_loss.to(...)` then crashes). With all three set, HF's forward computes exactly what hf_oracle uses as
+    the aux-loss oracle: load_balancing_loss_func on JetMoeModel's router logits."""
     model_dir, inputs = small_checkpoint
     t = hf_oracle.np_inputs(inputs)
     model = hf_oracle.load_hf(model_dir, torch.float64)

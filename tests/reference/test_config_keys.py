@@ -51,6 +51,8 @@ def test_disagreeing_thetas_are_refused_naming_both(rng, second):
         JetMoeConfig.from_dict(values)
     values[second]["rope_theta"] = theta  # agreeing: read
     assert JetMoeConfig.from_dict(values).rope_theta == theta
+    values.update(rope_theta=500, **{second: {"rope_type": "default", "rope_theta": 500.0}})  # an int and a float
+    assert JetMoeConfig.from_dict(values).rope_theta == 500
 
 
 @pytest.mark.parametrize("block, message", [
