@@ -13,6 +13,7 @@ exactly "float32 or better". float32 runs use HF unpatched.
 """
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -67,9 +68,11 @@ def _patched(func, substitutions, namespace):
     return _reexecuted(func, source, namespace)
 
 
+@functools.cache
 def float32_islands():
     """[(owner, name)] of every plain function or method in HF's modeling_jetmoe whose source casts to float32.
-    Static methods run at construction (the RoPE inv_freq init) are left to set_inv_freq_precision."""
+    Static methods run at construction (the RoPE inv_freq init) are left to set_inv_freq_precision. Scanned once,
+    before any patch (a re-executed function has no source to read)."""
     found = []
     owners = [hf] + [v for v in vars(hf).values() if inspect.isclass(v) and v.__module__ == hf.__name__]
     for owner in owners:
