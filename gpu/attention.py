@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference import trace
+from reference.io import trace
 
 from .device import require_cupy
 from .experts import moa_map, moa_reduce

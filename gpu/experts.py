@@ -28,7 +28,7 @@ Weights are float32 or bf16 carried as raw uint16 bits; activations and results 
 
 import numpy as np
 
-from reference import trace
+from reference.io import trace
 
 from .device import require_cupy
 from .kernels import kernel

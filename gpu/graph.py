@@ -36,7 +36,7 @@ to the host.
 
 import numpy as np
 
-from reference import trace
+from reference.io import trace
 from reference.generation import cached_forward
 from reference.inputs import check_inputs, int_array
 

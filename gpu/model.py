@@ -10,15 +10,15 @@ check_inputs (one small copy), then everything runs on the device. Outputs are C
 
 import numpy as np
 
-from reference import trace
-from reference.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
+from reference.io import trace
+from reference.io.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
 from reference.config import JetMoeConfig
 from reference.inputs import check_inputs, pooling_positions, to_numpy
 from reference.losses import causal_lm_losses, classification_loss
 from reference.model import block_weights
 from reference.norm import BLOCK_NORM_EPS
 from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
-from reference.weights import BF16
+from reference.io.mapped import BF16
 
 from .attention import moa
 from .cache import KVCache, StaticKVCache
@@ -34,7 +34,7 @@ FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weigh
 
 
 def weight_dtype(dtype):
-    """np.dtype float32 or bfloat16 from np.float32, "float32", a bfloat16 dtype (reference.weights.BF16) or
+    """np.dtype float32 or bfloat16 from np.float32, "float32", a bfloat16 dtype (reference.io.mapped.BF16) or
     "bfloat16"."""
     name = "bfloat16" if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype).name
     if name not in WEIGHT_DTYPES:

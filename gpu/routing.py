@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference import trace
+from reference.io import trace
 
 from .device import require_cupy
 from .kernels import kernel

@@ -11,8 +11,9 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, files
-from reference.tokenizer import Tokenizer, TokenizerError
+from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM
+from reference.io import files
+from reference.io.tokenizer import Tokenizer, TokenizerError
 
 from .device import DEVICES, load_gpu
 

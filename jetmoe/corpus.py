@@ -119,7 +119,7 @@ def train_tokenizer(train, vocab_size):
 
 
 def token_stream(tok, works, eos_token_id):
-    """Every work as <s> text </s>, concatenated -> [N] int64. tok: reference.tokenizer.Tokenizer (bos first)."""
+    """Every work as <s> text </s>, concatenated -> [N] int64. tok: reference.io.tokenizer.Tokenizer (bos first)."""
     ids = []
     for text in works.values():
         ids.extend(tok.encode(text) + [eos_token_id])

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reference import JetMoeConfig, files
-from reference import trace as tracing
+from reference import JetMoeConfig
+from reference.io import files
+from reference.io import trace as tracing
 from reference.generation import generate, positions_from_mask
 from reference.losses import AUX_LOSSES
-from reference.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
+from reference.io.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
 
 from . import cli, finite
 from .generate import encode_prompts
@@ -115,7 +116,7 @@ def parse_side(spec, ref_dtype):
         raise FileNotFoundError(f"{spec!r} is neither ref, hf, gpu nor an existing .safetensors trace file")
     try:
         saved, metadata = tracing.load_with_metadata(spec)
-    except ValueError as error:  # reference/checkpoint.py's CheckpointError, reference/files.py's FileError
+    except ValueError as error:  # reference/io/checkpoint.py's CheckpointError, reference/io/files.py's FileError
         raise ValueError(f"{spec} is not a readable safetensors trace: {error}") from None
     return Side(spec, "file", metadata.get("dtype") or file_dtype(saved), saved, metadata)
 

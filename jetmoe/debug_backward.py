@@ -27,10 +27,10 @@ import re
 
 import numpy as np
 
-from reference import trace as tracing
+from reference.io import trace as tracing
 from reference.losses import IGNORE_INDEX
 from reference.model import value_and_grad
-from reference.trace import Trace, TraceWriter, capture, handling, like
+from reference.io.trace import Trace, TraceWriter, capture, handling, like
 
 from . import cli, debug
 

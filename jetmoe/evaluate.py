@@ -15,7 +15,7 @@ import os
 
 from tqdm import tqdm
 
-from reference import files
+from reference.io import files
 from reference.losses import mean_loss
 
 from . import cli, finite
@@ -23,7 +23,7 @@ from . import cli, finite
 
 def read_text(path):
     """The UTF-8 text of --text-file: a regular file (a FIFO is refused, not waited on), at most
-    reference.files.LIMITS["text"] bytes."""
+    reference.io.files.LIMITS["text"] bytes."""
     if os.path.isdir(path):
         raise ValueError(f"--text-file {path!r} is a directory: give a UTF-8 text file")
     if not files.present(path):

@@ -1,17 +1,17 @@
 """Non-finite numbers are never a silent result: the tools check what they print and, when a NaN or an inf got
 there, name the trace point where the first one appeared.
 
-Loading already refuses weights that hold NaN or inf (reference.checkpoint.check_finite), except the big matrices
+Loading already refuses weights that hold NaN or inf (reference.io.checkpoint.check_finite), except the big matrices
 a large checkpoint leaves in its file (MappedWeight): those, and a finite model that overflows, are caught here, at
 the logits of generate, the loss of evaluate and the reference's own trace in debug compare. docs/security.md.
 """
 
 import numpy as np
 
-from reference.checkpoint import first_non_finite
+from reference.io.checkpoint import first_non_finite
 from reference.generation import cached_forward, positions_from_mask
 from reference.losses import windows
-from reference.trace import handling
+from reference.io.trace import handling
 
 
 class NonFinite(ValueError):

@@ -27,7 +27,7 @@ import transformers
 from transformers.loss import loss_utils
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
-from reference.checkpoint import is_norm_weight
+from reference.io.checkpoint import is_norm_weight
 
 from .hf_compat import ORACLE_VERSIONS, SEMANTICS_TRANSFORMERS, cache_argument, output_cache, rope_theta
 

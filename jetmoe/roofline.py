@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from reference import trace
+from reference.io import trace
 
 CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "copy_bandwidth.json")
 COPY_BYTES = 128 << 20  # per array: well past every cache level of a CPU, so the copy streams from memory

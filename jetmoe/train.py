@@ -13,7 +13,7 @@ the inputs, shifted inside the loss as in HF) and does:
     clip_grad_norm(grads, clip)                  torch.nn.utils.clip_grad_norm_
     AdamW.step(grads)                            lr from cosine_lr; weight decay on matrices only (ndim >= 2)
 
-The weights start as HF's _init_weights makes them (reference.checkpoint.initial_parameters). Every eval_every steps
+The weights start as HF's _init_weights makes them (reference.io.checkpoint.initial_parameters). Every eval_every steps
 the validation loss is measured on eval_batches fixed batches of held-out windows, with the expert load. Every
 save_every steps, at the end, and on Ctrl-C, a checkpoint is written to OUT/checkpoints/step-NNNNN: the float32
 model (save_pretrained), tokenizer.json, optimizer.safetensors (AdamW's moments) and trainer_state.json (the step,
@@ -39,12 +39,13 @@ import tokenizers
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, files, value_and_grad
-from reference.checkpoint import write_checkpoint
+from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
+from reference.io import files
+from reference.io.checkpoint import write_checkpoint
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
-from reference.tokenizer import Tokenizer
-from reference.weights import THREADS
+from reference.io.tokenizer import Tokenizer
+from reference.io.mapped import THREADS
 
 from . import cli, corpus
 
@@ -111,7 +112,7 @@ def check_recipe(values, source):
 
 
 def read_text(path, missing, kind):
-    """The UTF-8 text of path, read through reference/files.py's guards (a regular file within the size cap of
+    """The UTF-8 text of path, read through reference/io/files.py's guards (a regular file within the size cap of
     `kind`); FileNotFoundError(missing) where there is no file."""
     if not files.present(path):
         raise FileNotFoundError(missing)

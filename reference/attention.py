@@ -19,12 +19,12 @@ import math
 
 import numpy as np
 
-from . import trace
 from .experts import combine, combine_backward, gather_backward, group, grouped_linear, grouped_linear_backward, ungroup
+from .io import trace
+from .linear import linear, linear_backward
 from .precision import compute_dtype
 from .rope import apply_rope, apply_rope_backward
 from .routing import softmax, softmax_backward, top_k_gates_backward, top_k_gating, top_k_gating_backward
-from .weights import linear, linear_backward
 
 
 def additive_mask(attention_mask, cache_position, num_keys, dtype):

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from .files import inside, read_json_object, shown
+from .io.files import inside, read_json_object, shown
 
 
 SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels", "intermediate_size",
@@ -247,7 +247,7 @@ class JetMoeConfig:
 
     @classmethod
     def from_pretrained(cls, path):
-        """A model directory's config.json (or a config.json path), read through reference/files.py's guards."""
+        """A model directory's config.json (or a config.json path), read through reference/io/files.py's guards."""
         if not os.path.lexists(path):
             raise FileNotFoundError(f"{path!r} does not exist: expected a model directory or a config.json")
         config_path = inside(path, "config.json") if os.path.isdir(path) else path

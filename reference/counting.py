@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import base_parameter_shapes, head_parameter_shapes
-from .trace import capture
+from .io.checkpoint import base_parameter_shapes, head_parameter_shapes
+from .io.trace import capture
 
 PARTS = ("embedding and head", "routers", "kv_proj", "query experts", "attention", "output experts", "MLP experts",
          "norms and biases")

@@ -16,9 +16,9 @@ Notebook: notebooks/03_mixture_of_mlp_experts.ipynb.
 
 import numpy as np
 
-from . import trace
+from .io import trace
+from .linear import linear, linear_backward
 from .routing import top_k_gates_backward, top_k_gating, top_k_gating_backward
-from .weights import linear, linear_backward
 
 
 def grouped_linear(grouped_x, weights, plan):

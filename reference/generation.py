@@ -15,10 +15,10 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 
 import numpy as np
 
-from . import trace
+from .io import trace
+from .io.trace import to_numpy
 from .precision import compute_dtype
 from .routing import softmax
-from .trace import to_numpy
 
 
 def default_attention_mask(input_ids, config):

@@ -13,23 +13,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import trace
 from .attention import additive_mask, moa, moa_backward
 from .cache import KVCache
-from .checkpoint import Pretrained, model_dtype
 from .experts import moe, moe_backward
 from .inputs import check_inputs, int_array, pooling_positions
+from .io import trace
+from .io.checkpoint import Pretrained, model_dtype
+from .io.mapped import THREADS, map_threads
+from .linear import embedding_backward, linear, linear_backward
 from .losses import (IGNORE_INDEX, aux_mask, causal_lm_loss_backward, causal_lm_losses, check_aux_loss,
                      classification_loss, next_token_labels, router_aux_loss_backward)
 from .norm import BLOCK_NORM_EPS, rms_norm, rms_norm_backward
 from .outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from .rope import cos_sin
-from .weights import THREADS, linear, linear_backward, map_threads
 
 
 def block(h, w, cos, sin, mask, cache, layer_idx, config, saved=None):
     # h: [B, T, D] -> h [B, T, D], attention probs [B, K*H, T, S], router logits (attention [N, E], mlp [N, E])
-    # Every trace point hands on the value the forward continues with (reference/trace.py).
+    # Every trace point hands on the value the forward continues with (reference/io/trace.py).
     # saved: None, or a dict that receives what block_backward needs.
     keep = (lambda part: None) if saved is None else (lambda part: saved.setdefault(part, {}))
     x = trace.record("input_layernorm", rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS))
@@ -47,7 +48,7 @@ def block(h, w, cos, sin, mask, cache, layer_idx, config, saved=None):
 def block_backward(d_out, saved, w, config, d_router_logits=(None, None)):
     # d_out: [B, T, D], saved: block's dict, d_router_logits: (attention [N, E], mlp [N, E]) from the aux loss
     # -> d_h [B, T, D], BlockWeights of gradients. Each residual passes its gradient through unchanged.
-    # Traced as grad.<forward name> (reference/trace.py): a branch's output gradient is recorded apart from the
+    # Traced as grad.<forward name> (reference/io/trace.py): a branch's output gradient is recorded apart from the
     # residual's, so a substituted branch gradient (jetmoe debug compare --backward --isolate) flows back through
     # that branch alone while the residual path carries the gradient of the sum.
     d_out = trace.record("output", d_out)
@@ -64,16 +65,6 @@ def block_backward(d_out, saved, w, config, d_router_logits=(None, None)):
     d_h, d_input_norm = rms_norm_backward(d_x, saved["input"], w.input_layernorm, BLOCK_NORM_EPS)
     d_h += d_mid
     return d_h, BlockWeights(d_input_norm, ExpertWeights(**attention), d_post_norm, ExpertWeights(**mlp))
-
-
-def embedding_backward(d_h, input_ids, vocab_size, padding_idx):
-    # d_h: [B, T, D], input_ids: [B, T] -> d_embed [V, D]: each looked-up row sums the gradients of its positions.
-    # HF builds nn.Embedding(V, D, padding_idx=pad_token_id), whose backward gives the pad row no gradient.
-    d_embed = np.zeros((vocab_size, d_h.shape[-1]), d_h.dtype)
-    np.add.at(d_embed, input_ids.reshape(-1), d_h.reshape(-1, d_h.shape[-1]))
-    if padding_idx is not None:
-        d_embed[padding_idx] = 0
-    return d_embed
 
 
 class JetMoeModel(Pretrained):

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .weights import MappedWeight
+from .io.mapped import MappedWeight
 
 
 def owned_parameters(model):

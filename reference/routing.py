@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import trace
+from .io import trace
 from .precision import compute_dtype
 
 

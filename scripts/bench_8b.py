@@ -41,7 +41,7 @@ def machine_limit():
     of 3 over 1 GiB on THREADS threads. The block rate is what a decode step's conversion can reach: each thread
     converts DECODE_BLOCK_BYTES of float32 at a time into its reused buffer (weights.converted)."""
     from concurrent.futures import ThreadPoolExecutor
-    from reference.weights import DECODE_BLOCK_BYTES, convert, converted
+    from reference.io.mapped import DECODE_BLOCK_BYTES, convert, converted
     import ml_dtypes
     src = np.random.default_rng(0).integers(0, 2**16, size=1 << 29, dtype=np.uint16)  # 1 GiB
     copy_out = np.ones_like(src)  # touched: page faults would count as bandwidth otherwise

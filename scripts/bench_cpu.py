@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from jetmoe import hf_oracle  # noqa: E402
 from jetmoe.cli import PeakMemory, status_bytes  # noqa: E402
 from reference import JetMoeConfig, JetMoeForCausalLM, value_and_grad  # noqa: E402
-from reference.weights import THREADS  # noqa: E402
+from reference.io.mapped import THREADS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
@@ -155,7 +155,7 @@ def main():
     parser.add_argument("--generate-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=THREADS,
-                        help="torch's threads (default: the reference's, reference.weights.THREADS)")
+                        help="torch's threads (default: the reference's, reference.io.mapped.THREADS)")
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-tokens", type=int, default=256)
     args = parser.parse_args()

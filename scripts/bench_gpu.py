@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu.device import require_cupy  # noqa: E402
 from gpu.graph import GraphDecoder  # noqa: E402
 from gpu.model import FLOAT32_ALWAYS, JetMoeForCausalLM  # noqa: E402
-from reference.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
+from reference.io.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
 from reference.counting import active_parameters  # noqa: E402
 from reference.generation import positions_from_mask  # noqa: E402

@@ -31,7 +31,7 @@ try:
     import numpy as np
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    from reference.checkpoint import base_parameter_shapes, is_norm_weight
+    from reference.io.checkpoint import base_parameter_shapes, is_norm_weight
     from reference.config import JetMoeConfig
 except ImportError as error:  # the machine's python3, not the project's environment
     sys.exit(f"error: {error}: run it with the project's environment: make 8b-shaped (or .venv/bin/python "

@@ -2,7 +2,7 @@
 
 - reference/ (the semantics): numpy, safetensors, ml_dtypes, tokenizers, the standard library and itself;
 - gpu/ (the CuPy twin): reference, cupy, cudasim, numpy, the standard library and itself (bf16 via
-  reference.weights.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
+  reference.io.mapped.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
 - cudasim/ (the CPU execution backend for CUDA C++): numpy, the standard library and itself (it knows no JetMoE);
 - notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/;
 - no import cycle among the project's modules (reference, gpu, cudasim, jetmoe), imports inside functions included.
@@ -189,7 +189,7 @@ def test_checker_reports_forbidden_imports():
     # control: what each package may import passes
     assert package_violations("reference", "import json\nimport ml_dtypes\nimport tokenizers\nfrom .config import X\n"
                               "import reference.norm\n", "reference/ok.py") == []
-    assert package_violations("gpu", "import cupy\nfrom reference import trace\nfrom ..device import x\n",
+    assert package_violations("gpu", "import cupy\nfrom reference.io import trace\nfrom ..device import x\n",
                               "gpu/kernels/ok.py") == []
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from paths import ROOT
 from reference import JetMoeForCausalLM
-from reference.weights import MappedWeight
+from reference.io.mapped import MappedWeight
 
 from oracle_env import require_oracle
 

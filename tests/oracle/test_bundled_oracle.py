@@ -21,7 +21,7 @@ from jetmoe import hf_oracle  # noqa: E402
 from reference import JetMoeForCausalLM  # noqa: E402
 from reference.losses import mean_loss, windows  # noqa: E402
 from reference.generation import sampling_probabilities  # noqa: E402
-from reference.tokenizer import Tokenizer  # noqa: E402
+from reference.io.tokenizer import Tokenizer  # noqa: E402
 
 from paths import TINY_MODEL as MODEL  # noqa: E402
 

@@ -148,7 +148,7 @@ def test_adamw_and_clipping_match_torch(tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_initial_parameters_are_hf_init_weights(tied):
-    # JetMoeForCausalLM.from_init (reference.checkpoint.initial_parameters) against HF's own _init_weights on the
+    # JetMoeForCausalLM.from_init (reference.io.checkpoint.initial_parameters) against HF's own _init_weights on the
     # same config. Where HF's init is deterministic (RMSNorm weights 1, MoA/MoE biases 0, the embedding's
     # padding_idx row 0) the values must be equal; every other tensor is random on both sides, so its draws are
     # compared as a distribution: mean 0 and std initializer_range, each within 5 standard errors of its sample

@@ -24,15 +24,14 @@ from reference.attention import (additive_mask, attend, attend_backward, attenti
                                  moa, moa_backward)
 from reference.experts import (combine, combine_backward, gather_backward, grouped_linear, grouped_linear_backward, moe,
                                moe_backward, swiglu, swiglu_backward)
+from reference.linear import embedding_backward, linear, linear_backward
 from reference.losses import (AUX_LOSSES, causal_lm_loss, causal_lm_loss_backward, load_balancing_loss,
                               load_balancing_loss_backward, router_aux_loss, router_aux_loss_backward, router_z_loss,
                               router_z_loss_backward)
-from reference.model import embedding_backward
 from reference.norm import rms_norm, rms_norm_backward
 from reference.rope import apply_rope, apply_rope_backward, cos_sin
 from reference.routing import (plan_from_logits, softmax, softmax_backward, top_k_gates_backward, top_k_gates_of,
                                top_k_gating, top_k_gating_backward)
-from reference.weights import linear, linear_backward
 
 EPS = 1e-6
 FD_RTOL = 1e-7  # see the module docstring

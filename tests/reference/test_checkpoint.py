@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
-from reference.checkpoint import read_safetensors
+from reference.io.checkpoint import read_safetensors
 
 V, D = 40, 24
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")

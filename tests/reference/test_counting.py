@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from reference import JetMoeConfig, JetMoeForCausalLM
-from reference.checkpoint import base_parameter_shapes, read_checkpoint_tensors
+from reference.io.checkpoint import base_parameter_shapes, read_checkpoint_tensors
 from reference.counting import (PARTS, active_parameters, capacity_drops, count_parameters, counted_flops,
                                 decode_bytes_read, expert_capacity, forward_flops, kv_cache_bytes, parameter_shapes,
                                 part_of, touched_parameters, watch)

@@ -1,4 +1,4 @@
-"""reference/tokenizer.py on the two kinds of tokenizer.json JetMoE meets, both built here with `tokenizers`:
+"""reference/io/tokenizer.py on the two kinds of tokenizer.json JetMoE meets, both built here with `tokenizers`:
 a byte-level BPE (like our bundled model's) and a Llama-style SentencePiece BPE with byte fallback (like
 jetmoe-8b's); and on the bundled weights/jetmoe-tiny-shakespeare tokenizer."""
 
@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from reference.config import JetMoeConfig
-from reference.tokenizer import Tokenizer, TokenizerError
+from reference.io.tokenizer import Tokenizer, TokenizerError
 
 from paths import TINY_MODEL as BUNDLED_DIR
 

@@ -1,4 +1,4 @@
-"""reference/weights.py: a bf16 checkpoint whose matrices stay in the file gives what one converted at load gives
+"""reference/io/mapped.py: a bf16 checkpoint whose matrices stay in the file gives what one converted at load gives
 (to float32 rounding: the same products, summed in another order), converts only what the forward touches, and says
 clearly when a model cannot fit."""
 
@@ -6,10 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import reference.weights as weights
+import reference.io.mapped as mapped_module
 from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, capture
-from reference.checkpoint import random_parameters, write_checkpoint
-from reference.weights import MappedWeight, convert
+from reference.io.checkpoint import random_parameters, write_checkpoint
+from reference.io.mapped import MappedWeight, convert
+from reference.linear import linear
 
 # Big enough that every matrix spans several decode blocks once DECODE_BLOCK_BYTES is patched down.
 CONFIG = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
@@ -34,7 +35,7 @@ def checkpoint(request, tmp_path, rng):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(weights, "DECODE_BLOCK_BYTES", 1)  # every decode product runs in 64-row blocks
+    monkeypatch.setattr(mapped_module, "DECODE_BLOCK_BYTES", 1)  # every decode product runs in 64-row blocks
 
 
 def test_bf16_shift_equals_ml_dtypes(rng):
@@ -46,9 +47,9 @@ def test_bf16_shift_equals_ml_dtypes(rng):
     np.testing.assert_array_equal(convert(src, np.empty(src.shape, np.float32)), want)
     # the blocks' path: one widening cast 2 bytes into this thread's reused buffer, which holds other values from
     # a bigger block before (so the buffer is not freshly zeroed) and must come back bit for bit all the same
-    weights.converted(rng.permutation(np.concatenate([src, src])), np.float32)
-    np.testing.assert_array_equal(weights.converted(src.reshape(-1, 1), np.float32), want.reshape(-1, 1))
-    np.testing.assert_array_equal(weights.converted(src[1:], np.float32), want[1:])
+    mapped_module.converted(rng.permutation(np.concatenate([src, src])), np.float32)
+    np.testing.assert_array_equal(mapped_module.converted(src.reshape(-1, 1), np.float32), want.reshape(-1, 1))
+    np.testing.assert_array_equal(mapped_module.converted(src[1:], np.float32), want[1:])
 
 
 def test_budget_decides_where_weights_live(checkpoint):
@@ -94,9 +95,9 @@ def test_mapped_matches_converted_where_blas_threads(rng):
     # at a size OpenBLAS splits across threads (64 MiB of float32 here), for every decode row count and a prefill
     table = rng.standard_normal((8192, 2048), dtype=np.float32).astype(ml_dtypes.bfloat16)
     converted, mapped = table.astype(np.float32), MappedWeight(table, np.float32)
-    for rows in [1, 2, 5, weights.DECODE_ROWS, weights.DECODE_ROWS + 1]:
+    for rows in [1, 2, 5, mapped_module.DECODE_ROWS, mapped_module.DECODE_ROWS + 1]:
         x = rng.standard_normal((rows, 2048), dtype=np.float32)
-        got, want = weights.linear(x, mapped), weights.linear(x, converted)
+        got, want = linear(x, mapped), linear(x, converted)
         assert np.max(np.abs(got - want)) <= MAPPED_RTOL * np.max(np.abs(want)), f"{rows} rows"
 
 
@@ -110,13 +111,13 @@ def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
             for e in range(stack.shape[0]):
                 stacks[stack.data[e].ctypes.data] = (i, part, e)
     converted = []
-    real_converted = weights.converted
+    real_converted = mapped_module.converted
 
     def recording_converted(src, dtype):
         converted.append(src.ctypes.data)
         return real_converted(src, dtype)
 
-    monkeypatch.setattr(weights, "converted", recording_converted)
+    monkeypatch.setattr(mapped_module, "converted", recording_converted)
     cache = model.new_cache(1, capacity=8)
     model(input_ids=rng.integers(0, CONFIG["vocab_size"], size=(1, 3)), past_key_values=cache)
     converted.clear()

@@ -15,7 +15,7 @@ import pytest
 
 from reference import JetMoeForCausalLM
 from reference.losses import mean_loss
-from reference.tokenizer import Tokenizer
+from reference.io.tokenizer import Tokenizer
 
 from paths import ROOT, TINY_MODEL as MODEL
 

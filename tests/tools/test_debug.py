@@ -19,8 +19,8 @@ from jetmoe.command import main
 from jetmoe.debug import Forwards, run_forwards
 from reference import JetMoeForCausalLM, trace
 from reference.generation import positions_from_mask
-from reference.tokenizer import Tokenizer
-from reference.trace import Trace, load_with_metadata
+from reference.io.tokenizer import Tokenizer
+from reference.io.trace import Trace, load_with_metadata
 
 from paths import ROOT, TINY_MODEL as MODEL
 from ports import (PROMPTS, block_norm_eps_bug, decode_cache_position_bug, final_norm_eps_bug, gate_bug,

@@ -13,8 +13,8 @@ from jetmoe.command import main
 from jetmoe.debug_backward import backward_order, labels_of
 from reference import JetMoeForCausalLM, value_and_grad
 from reference.generation import positions_from_mask
-from reference.tokenizer import Tokenizer
-from reference.trace import capture, load_with_metadata, substitute
+from reference.io.tokenizer import Tokenizer
+from reference.io.trace import capture, load_with_metadata, substitute
 
 from paths import TINY_MODEL as MODEL
 from ports import PROMPTS, patched

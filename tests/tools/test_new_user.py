@@ -12,8 +12,8 @@ import pytest
 
 from jetmoe.command import main
 from reference import JetMoeForCausalLM
-from reference.tokenizer import Tokenizer
-from reference.trace import capture
+from reference.io.tokenizer import Tokenizer
+from reference.io.trace import capture
 
 from paths import ROOT, TINY_MODEL as MODEL
 from ports import PROMPTS, port_trace, repeat_interleave_bug
@@ -326,12 +326,12 @@ def test_make_test_lists_each_skip_with_its_reason(tmp_path):
 def test_the_command_runs_one_blas_thread_unless_told(setting, expected):
     """docs/benchmarks.md: on a busy 2-core machine one OpenBLAS thread was several times faster; a user's
     OPENBLAS_NUM_THREADS wins. (The jetmoe command imports jetmoe before NumPy, as this child does.)"""
-    from reference.weights import _blas
+    from reference.io.mapped import _blas
     if _blas is None:
         pytest.skip("NumPy is not linked against OpenBLAS here: no thread count to check")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if setting:
         env["OPENBLAS_NUM_THREADS"] = setting
-    done = subprocess.run([sys.executable, "-c", "import jetmoe.cli\nfrom reference.weights import _blas\n"
+    done = subprocess.run([sys.executable, "-c", "import jetmoe.cli\nfrom reference.io.mapped import _blas\n"
                            "print(_blas[1]())"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and int(done.stdout) == min(expected, os.cpu_count()), done.stderr

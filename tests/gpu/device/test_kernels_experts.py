@@ -37,7 +37,7 @@ import pytest
 
 from gpu import experts
 from gpu.routing import RoutingPlan
-from reference import trace
+from reference.io import trace
 from reference.attention import moa_map as ref_moa_map
 from reference.attention import moa_reduce as ref_moa_reduce
 from reference.experts import combine as ref_combine

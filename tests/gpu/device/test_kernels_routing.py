@@ -27,7 +27,7 @@ from gpu import routing as gpu_routing
 from reference import norm as ref_norm
 from reference import rope as ref_rope
 from reference import routing as ref_routing
-from reference import trace
+from reference.io import trace
 
 from gpu_helpers import cp, nan_like
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpu.graph import BufferPlan, CapturedStep, PlanMismatch, check_step, graph_stepper
-from reference import trace
+from reference.io import trace
 
 
 class FakePool:

@@ -1,20 +1,20 @@
-"""Where the weights live: converted to the compute dtype in memory, or left in the checkpoint file.
+"""The big-checkpoint runtime: weights left in the checkpoint file, converted only where the forward reads them.
 
-Shapes: reference/__init__.py. Notebook: notebooks/05_the_whole_model.ipynb.
+Shapes: reference/__init__.py. Notebook: notebooks/05_the_whole_model.ipynb. docs/big-models.md.
 
 A bf16 checkpoint run in float32 needs twice its file size once converted: 34 GB for jetmoe-8b, more than the
-machines this project runs on. So `select_tensors` (reference/checkpoint.py) converts at load only when the
+machines this project runs on. So `select_tensors` (reference/io/checkpoint.py) converts at load only when the
 converted tensors fit a memory budget; otherwise each big matrix stays memory-mapped in the file's dtype as a
 `MappedWeight`, and only what the forward touches is converted:
 - `stack[e]` of an expert stack [E, out, in] is expert e's slice, still in the file: nothing is read;
-- `linear(x, w)` (x @ w^T, for every weight product of the model) multiplies a prefill by the whole matrix,
+- `x @ w.T` (reference/linear.py, every weight product of the model) multiplies a prefill by the whole matrix,
   converted into a reusable buffer, and a decode step block by block, each block converted just before its
   product: the converted copy never outlives its matmul, and a decoded token reads only its routed experts' bytes;
 - `w[ids]`, an embedding lookup, converts only the rows it returns.
-The model code cannot tell the two apart: `linear(x, w)`, `w[e]` and `w[ids]` read the same, so the math and the
-trace names do not change. A converted weight's `linear` is the plain `x @ w.T`; a mapped one's decode product runs
-block by block, so the two agree to float32 rounding (the order BLAS accumulates in depends on the product's shape),
-which tests/reference/test_weights.py and test_memory.py check with a stated tolerance.
+The model code cannot tell the two apart: `x @ w.T`, `d_y @ w`, `w[e]` and `w[ids]` read the same, so the math
+and the trace names do not change. A converted weight's product is NumPy's; a mapped one's decode product runs
+block by block, so the two agree to float32 rounding (the order BLAS accumulates in depends on the product's
+shape), which tests/reference/test_weights.py and test_memory.py check with a stated tolerance.
 """
 
 import contextlib
@@ -155,27 +155,41 @@ class MappedWeight:
         picked = self.data[key]
         return convert(picked, np.empty(picked.shape, self.dtype))
 
+    @property
+    def T(self):
+        """The transpose, as `x @ w.T` reads it: a MappedWeight brings its own product (mapped_linear)."""
+        return _Transposed(self)
+
     def __array__(self, dtype=None, copy=None):
-        """The whole tensor converted: for state_dict users (save_pretrained, the GPU twin's upload, tests)."""
+        """The whole tensor converted: for `d_y @ w` (a backward's product) and state_dict users (save_pretrained,
+        the GPU twin's upload, tests)."""
         whole = convert(self.data, np.empty(self.data.shape, self.dtype))
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 def rows_of(weight, start, end):
-    # weight: [out, in] ndarray or MappedWeight -> rows start..end-1 in the compute dtype (a view, or converted
-    # into this thread's reusable buffer)
-    if isinstance(weight, np.ndarray):
-        return weight[start:end]
+    # weight: [out, in] MappedWeight -> rows start..end-1 in the compute dtype, converted into this thread's
+    # reusable buffer
     return converted(weight.data[start:end], weight.dtype)
 
 
-def linear(x, weight):
-    # x: [..., in], weight: [out, in] ndarray or MappedWeight -> [..., out] = x @ weight^T
-    # The same products whether the weight is converted or mapped, so the two give the same bits: a prefill
-    # multiplies by the whole matrix; a decode step (at most DECODE_ROWS rows of x) block by block, each block of
-    # weight rows converted (if mapped) just before its product, so it is still in cache, on THREADS threads.
-    if isinstance(weight, np.ndarray):
-        return x @ weight.T  # in memory: the plain product
+class _Transposed:
+    """w.T of a MappedWeight: what `x @ w.T` multiplies by. NumPy hands the product to __rmatmul__ (a class whose
+    __array_ufunc__ is None is never converted into an array by an ndarray operator)."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def __rmatmul__(self, x):
+        return mapped_linear(x, self.weight)
+
+
+def mapped_linear(x, weight):
+    # x: [..., in], weight: [out, in] MappedWeight -> [..., out] = x @ weight^T
+    # A prefill multiplies by the whole matrix; a decode step (at most DECODE_ROWS rows of x) block by block, each
+    # block of weight rows converted just before its product, so it is still in cache, on THREADS threads.
     rows, cols = weight.shape
     if x.size // cols > DECODE_ROWS:
         return x @ rows_of(weight, 0, rows).T
@@ -200,19 +214,10 @@ def linear(x, weight):
 
     if _pool is None or block >= rows:
         products()
-    else:  # mapped: this thread takes blocks too, beside THREADS - 1 helpers; no core waits on a slower one's share
+    else:  # this thread takes blocks too, beside THREADS - 1 helpers; no core waits on a slower one's share
         with _single_threaded_blas():
             helpers = [_pool.submit(products) for _ in range(THREADS - 1)]
             products()
             for helper in helpers:
                 helper.result()
     return out
-
-
-def linear_backward(d_y, x, weight):
-    # d_y: [..., out], x: [..., in], weight: [out, in] ndarray or MappedWeight -> d_x [..., in], d_weight [out, in]
-    # y = x @ W^T, so d_x = d_y @ W and d_W = d_y^T @ x (summed over every leading index). Saves x.
-    rows, cols = weight.shape
-    d_y2d, x2d = d_y.reshape(-1, rows), x.reshape(-1, cols)  # [M, out], [M, in]
-    d_x = (d_y2d @ rows_of(weight, 0, rows)).reshape(x.shape)
-    return d_x, d_y2d.T @ x2d

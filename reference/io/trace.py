@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .files import shown
-from .inputs import to_numpy
-from .weights import BF16, available_memory
+from ..inputs import to_numpy
+from .mapped import BF16, available_memory
 
 _active = contextvars.ContextVar("jetmoe_trace", default=None)
 
@@ -136,7 +136,7 @@ class Trace(dict):
 
 def load_with_metadata(path):
     """(Trace, metadata {str: str}) of a safetensors trace file: untrusted input, read as a checkpoint is
-    (reference/checkpoint.py: a regular file, its header checked as strictly as the safetensors library does), its
+    (reference/io/checkpoint.py: a regular file, its header checked as strictly as the safetensors library does), its
     tensors memory-mapped and read-only, so a large file costs no memory until a tensor is used."""
     from .checkpoint import read_safetensors
     tensors, metadata = read_safetensors(os.fspath(path), with_metadata=True)

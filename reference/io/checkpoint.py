@@ -15,8 +15,8 @@ import ml_dtypes
 import numpy as np
 
 from . import files
-from .config import JetMoeConfig
-from .weights import MEMORY_FRACTION, MappedWeight, available_memory, convert
+from ..config import JetMoeConfig
+from .mapped import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -39,7 +39,7 @@ class Pretrained:
 
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32, max_memory=None, progress=None, finite=True):
-        """max_memory: bytes the converted weights may take (default: reference.weights.MEMORY_FRACTION of the
+        """max_memory: bytes the converted weights may take (default: reference.io.mapped.MEMORY_FRACTION of the
         available memory); past it the big matrices stay in the file. progress(done, total, unit): conversion.
         finite: refuse weights holding NaN or inf (check_finite); False loads them as they are."""
         config = JetMoeConfig.from_pretrained(path)
@@ -217,7 +217,7 @@ def read_safetensors(path, with_metadata=False):
 
 def read_checkpoint_tensors(path):
     """All tensors of an HF model directory: model.safetensors, or the shards its index lists; every failure a
-    CheckpointError naming the file (reference/files.py's refusals included)."""
+    CheckpointError naming the file (reference/io/files.py's refusals included)."""
     try:
         return _read_checkpoint_tensors(path)
     except files.FileError as error:
@@ -334,7 +334,7 @@ def is_small(name, tensor):
 def place(tensors, dtype, max_memory=None, progress=None):
     """name -> tensor in `dtype`: a view of the file where its dtype already is `dtype`; else converted now when
     all conversions fit `max_memory` bytes (default MEMORY_FRACTION of the available memory), else converted now
-    only if small and otherwise a MappedWeight that converts what the forward reads (reference/weights.py).
+    only if small and otherwise a MappedWeight that converts what the forward reads (reference/io/mapped.py).
     progress(done, total, unit) is called as bytes are converted. A model that does not fit even so is an error
     before any work starts."""
     to_convert = {n for n, t in tensors.items() if t.dtype != dtype}

@@ -15,7 +15,7 @@ import numpy as np
 import tokenizers
 
 from . import files
-from .config import JetMoeConfig
+from ..config import JetMoeConfig
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a UTF-8 decoder writes for bytes that do not (yet) form a character
 
