@@ -127,9 +127,17 @@ def token_stream(tok, works, eos_token_id):
 
 
 def main():
-    """`make corpus`: download the sdist, then write build/corpus/{train,validation}.txt."""
-    download()
-    train, validation = split_corpus(fetch_corpus())
+    """`make corpus`: download the sdist, then write build/corpus/{train,validation}.txt. A failed download or an
+    unreadable archive is one `error:` line and exit status 1."""
+    try:
+        download()
+        train, validation = split_corpus(fetch_corpus())
+    except tarfile.TarError as e:
+        reason = " ".join(str(e).split())  # tarfile's message spans lines, one per method it tried
+        sys.exit(f"error: {os.path.join(CORPUS_DIR, ARCHIVE)} is not a readable archive ({reason}): delete it and "
+                 f"run `make corpus` again")
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {e}")
     print(f"corpus: {len(train)} training works, {len(validation)} validation plays; wrote "
           f"{os.path.join(CORPUS_DIR, 'train.txt')} and {os.path.join(CORPUS_DIR, 'validation.txt')}")
 

