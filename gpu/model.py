@@ -21,6 +21,7 @@ from reference.io import trace
 from reference.io.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
 from reference.io.mapped import BF16
 from reference.model import block_weights
+from reference.names import BASE_TENSORS, BLOCK_TENSORS
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
@@ -32,8 +33,9 @@ from .linear import embed, linear
 from .norm import rms_norm
 
 WEIGHT_DTYPES = ("float32", "bfloat16")
-# Tensors kept float32 in bf16 mode: small, and routers decide which experts run.
-FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
+# Name endings of the tensors kept float32 in bf16 mode (reference/names.py): small, and routers decide which
+# experts run.
+FLOAT32_ALWAYS = tuple(t.suffix for t in (*BASE_TENSORS, *BLOCK_TENSORS) if t.float32)
 
 
 def weight_dtype(dtype):

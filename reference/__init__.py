@@ -8,11 +8,13 @@ Shape legend, the one every file of reference/, gpu/ and jetmoe/ points to:
   D   hidden size                Dh  head dim (kv_channels)
   F   MLP expert intermediate    V   vocab
   L   layers                     N   = B*T, tokens flattened
+  C   classes (num_labels)
   slot s = n*K + k               token n's k-th choice, the unit the experts are dispatched in
 
 The modules, in forward order, each with the notebook that walks through it: counting, the whole model at a
 glance (00); norm and rope (01), routing (02), linear and experts (03), attention and cache (04), model (the
-block and the forward), losses and generation (05); config and precision set it up. Around the math:
+block and the forward), losses and generation (05); config and precision set it up, and names is the one table
+of the checkpoint's tensors (HF name, place in the model, shape). Around the math:
 hf_classes holds HF's classes (JetMoeModel, JetMoeForCausalLM, JetMoeForSequenceClassification: keywords,
 outputs, from_pretrained, generate; gpu/ derives its own from them), inputs their input checks, and
 reference/io/ the IO and runtime: files, checkpoint, mapped (the big-checkpoint runtime), tokenizer and trace.

@@ -23,6 +23,7 @@ from .attention import additive_mask, moa, moa_backward
 from .experts import moe, moe_backward
 from .io import trace
 from .linear import embedding_backward, linear_backward
+from .names import BLOCK_TENSORS
 from .norm import BLOCK_NORM_EPS, rms_norm, rms_norm_backward
 from .rope import cos_sin
 
@@ -119,7 +120,8 @@ def backward(d_logits, d_router_logits, saved, layers, norm, lm_head, config):
     return d_embed, d_layers, d_norm, d_lm_head
 
 
-# The parameters of a block, named as the forward uses them (HF's tensor names are in block_names).
+# The parameters of a block, named as the forward uses them; reference/names.py's table says which HF tensor
+# each field holds.
 
 @dataclass
 class ExpertWeights:
@@ -138,33 +140,32 @@ class BlockWeights:
     mlp: ExpertWeights
 
 
+def block_leaves(b):
+    # BlockWeights -> its tensors (or names, or gradients) as a flat list, in reference/names.py's order
+    leaves = []
+    for t in BLOCK_TENSORS:
+        leaf = b
+        for field in t.place:
+            leaf = getattr(leaf, field)
+        leaves.append(leaf)
+    return leaves
+
+
+def block_from_leaves(leaves):
+    # a flat list in reference/names.py's order -> BlockWeights (block_leaves' inverse)
+    fields = {"attention": {}, "mlp": {}, "block": {}}
+    for t, leaf in zip(BLOCK_TENSORS, leaves, strict=True):
+        part, field = t.place if len(t.place) == 2 else ("block", t.place[0])
+        fields[part][field] = leaf
+    return BlockWeights(attention=ExpertWeights(**fields["attention"]), mlp=ExpertWeights(**fields["mlp"]),
+                        **fields["block"])
+
+
 def block_names(i):
     # -> BlockWeights of layer i's HF tensor names (without "model.")
-    p = f"layers.{i}."
-    a, m = p + "self_attention.experts.", p + "mlp."
-    return BlockWeights(
-        input_layernorm=p + "input_layernorm.weight",
-        attention=ExpertWeights(a + "router.layer.weight", a + "input_linear.weight", a + "output_linear.weight",
-                                a + "bias", p + "self_attention.kv_proj.weight"),
-        post_attention_layernorm=p + "post_attention_layernorm.weight",
-        mlp=ExpertWeights(m + "router.layer.weight", m + "input_linear.weight", m + "output_linear.weight",
-                          m + "bias"))
-
-
-def block_leaves(b):
-    # BlockWeights -> its tensors (or names, or gradients) as a flat list, in one fixed order
-    experts = [(e.router, e.input_linear, e.output_linear, e.bias) + (() if e.kv_proj is None else (e.kv_proj,))
-               for e in (b.attention, b.mlp)]
-    return [b.input_layernorm, *experts[0], b.post_attention_layernorm, *experts[1]]
+    return block_from_leaves([t.name(i) for t in BLOCK_TENSORS])
 
 
 def block_weights(tensors, i):
     # tensors: HF names without "model." -> BlockWeights of layer i
-    n = block_names(i)
-    t = tensors.__getitem__
-    return BlockWeights(
-        input_layernorm=t(n.input_layernorm),
-        attention=ExpertWeights(t(n.attention.router), t(n.attention.input_linear), t(n.attention.output_linear),
-                                t(n.attention.bias), t(n.attention.kv_proj)),
-        post_attention_layernorm=t(n.post_attention_layernorm),
-        mlp=ExpertWeights(t(n.mlp.router), t(n.mlp.input_linear), t(n.mlp.output_linear), t(n.mlp.bias)))
+    return block_from_leaves([tensors[t.name(i)] for t in BLOCK_TENSORS])
