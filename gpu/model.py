@@ -2,6 +2,11 @@
 
 Shapes: reference/__init__.py.
 
+The three classes derive from reference/hf_classes.py's, which hold the keyword handling, outputs and losses; this
+file supplies what differs on the device: the upload of the weights, CuPy as the array module, the embedding
+lookup and weight product (gpu/linear.py), the device KV cache (gpu/cache.py), the decoder (every block and the
+final norm, which gpu/graph.py also captures), from_pretrained's dtype and generate.
+
 Weights live on the device as float32, or (dtype="bfloat16") the big matrices as bf16 bits (uint16) with float32
 norms, biases and routers, so routing decisions are made in float32 as in the reference. Activations and
 accumulation are float32. Inputs may be NumPy or CuPy; they are validated on the host by reference's own
@@ -10,15 +15,14 @@ check_inputs (one small copy), then everything runs on the device. Outputs are C
 
 import numpy as np
 
+from reference import hf_classes
+from reference.config import JetMoeConfig
 from reference.io import trace
 from reference.io.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
-from reference.config import JetMoeConfig
-from reference.inputs import check_inputs, pooling_positions, to_numpy
-from reference.losses import causal_lm_losses, classification_loss
-from reference.model import block_weights
-from reference.norm import BLOCK_NORM_EPS
-from reference.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from reference.io.mapped import BF16
+from reference.model import block_weights
+from reference.names import BASE_TENSORS, BLOCK_TENSORS
+from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
 from .cache import KVCache, StaticKVCache
@@ -29,8 +33,9 @@ from .linear import embed, linear
 from .norm import rms_norm
 
 WEIGHT_DTYPES = ("float32", "bfloat16")
-# Tensors kept float32 in bf16 mode: small, and routers decide which experts run.
-FLOAT32_ALWAYS = ("norm.weight", "layernorm.weight", "bias", "router.layer.weight")
+# Name endings of the tensors kept float32 in bf16 mode (reference/names.py): small, and routers decide which
+# experts run.
+FLOAT32_ALWAYS = tuple(t.suffix for t in (*BASE_TENSORS, *BLOCK_TENSORS) if t.float32)
 
 
 def weight_dtype(dtype):
@@ -84,6 +89,11 @@ def check_forward_cache(cache):
                         "calls: pass a gpu.cache.KVCache (e.g. model.new_cache(batch, capacity)) or None")
 
 
+def rows_linear(x, w):
+    # x: [..., Kin], w: [Nout, Kin] -> [..., Nout]: gpu/linear.py's product, which takes rows [M, Kin]
+    return linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+
+
 def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, config, output_attentions):
     # h: [B, T, D] -> h, attention probs (or None), (attention logits [N, E], mlp logits [N, E])
     x = trace.record("input_layernorm", rms_norm(h, w.input_layernorm, BLOCK_NORM_EPS))
@@ -99,7 +109,7 @@ def block(h, w, positions, cache_position, attention_mask, cache, layer_idx, con
 
 
 class _Pretrained:
-    head = "base"
+    """The GPU's loaders: the weights read on the host in float32, then uploaded in the model's dtype."""
 
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32, finite=True):
@@ -122,7 +132,10 @@ class _Pretrained:
         return cls(model.config, base, head, dtype=dtype)
 
 
-class JetMoeModel(_Pretrained):
+class JetMoeModel(_Pretrained, hf_classes.JetMoeModel):
+    cache_type = KVCache
+    linear = staticmethod(rows_linear)
+
     def __init__(self, config, tensors, head_tensors=None, dtype=np.float32):
         self.config = config
         self.dtype = weight_dtype(dtype)  # of the big matrices; activations are float32
@@ -131,101 +144,55 @@ class JetMoeModel(_Pretrained):
         self.norm = self.tensors["norm.weight"]  # [D]
         self.layers = [block_weights(self.tensors, i) for i in range(config.num_hidden_layers)]
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
-                 output_router_logits=None, cache_position=None):
-        check_forward_cache(past_key_values)
+    @property
+    def xp(self):
+        return require_cupy()
+
+    def checked_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache):
+        check_forward_cache(cache)  # before any device work
+        return super().checked_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache)
+
+    def embed(self, input_ids, inputs_embeds):
+        # host input_ids [B, T] (or inputs_embeds [B, T, D] instead) -> h [B, T, D] float32 on the device
         cp = require_cupy()
-        config = self.config
-        use_cache = config.use_cache if use_cache is None else use_cache
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        input_ids, inputs_embeds, attention_mask, position_ids, cache_position = check_inputs(
-            config, to_numpy(input_ids), to_numpy(inputs_embeds), to_numpy(attention_mask), to_numpy(position_ids),
-            to_numpy(cache_position), past_key_values, cache_type=KVCache)
         if inputs_embeds is None:
-            h = embed(self.embed_tokens, cp.asarray(input_ids))  # [B, T, D]
-        else:
-            h = cp.asarray(inputs_embeds, dtype=cp.float32)
-        batch, tokens, _ = h.shape
-        cache = past_key_values
-        if use_cache and cache is None:
-            cache = KVCache.for_config(config, batch, self.dtype, capacity=tokens)
-        positions = cp.asarray(position_ids)  # [B|1, T]
-        cache_pos = cp.asarray(cache_position)  # [T]
-        mask = None if attention_mask is None else cp.asarray(attention_mask)  # [B, S]
-        h, hidden_states, attentions, router_logits = self.decoder(h, positions, cache_pos, mask, cache,
-                                                                   output_attentions)
-        return MoeModelOutputWithPast(
-            last_hidden_state=h, past_key_values=cache,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-            router_logits=tuple(router_logits) if output_router_logits else None)
+            return embed(self.embed_tokens, cp.asarray(input_ids))
+        return cp.asarray(inputs_embeds, dtype=cp.float32)
 
-    forward = __call__
-
-    def decoder(self, h, positions, cache_position, attention_mask, cache, output_attentions=False):
+    def decoder(self, h, positions, cache_position, attention_mask, cache, output_hidden_states=False,
+                output_attentions=False, saved=None):
         """Every block and the final norm, on device arrays only: no checks and no host copies, so gpu/graph.py
         captures it in a CUDA graph. model(...) validates its inputs, then calls this.
 
         h: [B, T, D] embeddings, positions: [B|1, T], cache_position: [T], attention_mask: [B, S] or None (device
-        int64) -> (normed h [B, T, D], hidden states, attention probs, router logits) as lists."""
+        int64) -> (normed h [B, T, D], hidden states, attention probs, router logits) as lists; the first two
+        only when asked for."""
+        if saved is not None:
+            raise TypeError("the GPU twin has no backward: value_and_grad runs on the reference model")
         h = trace.record("embed_tokens", h)
         hidden_states, attentions, router_logits = [], [], []
         for i, w in enumerate(self.layers):
-            hidden_states.append(h)
+            if output_hidden_states:
+                hidden_states.append(h)
             with trace.scope(f"layers.{i}"):
                 h, probs, logits = block(h, w, positions, cache_position, attention_mask, cache, i, self.config,
                                          output_attentions)
-            attentions.append(probs)
+            if output_attentions:
+                attentions.append(probs)
             router_logits.extend(logits)
         h = trace.record("norm", rms_norm(h, self.norm, self.config.rms_norm_eps))  # the only norm with rms_norm_eps
-        hidden_states.append(h)
+        if output_hidden_states:
+            hidden_states.append(h)
         return h, hidden_states, attentions, router_logits
 
 
-class JetMoeForCausalLM(_Pretrained):
-    head = "causal_lm"
-
+class JetMoeForCausalLM(_Pretrained, hf_classes.JetMoeForCausalLM):
     def __init__(self, config, tensors, head_tensors, dtype=np.float32):
         self.config = config
         self.model = JetMoeModel(config, tensors, dtype=dtype)
         self.dtype = self.model.dtype
         self.lm_head = (self.model.embed_tokens if config.tie_word_embeddings else
                         upload("lm_head.weight", head_tensors["lm_head.weight"], self.dtype))  # [V, D]
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                 output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0):
-        cp = require_cupy()
-        config = self.config
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                         output_router_logits=output_router_logits, cache_position=cache_position)
-        h = out.last_hidden_state  # [B, T, D]
-        if isinstance(logits_to_keep, (int, np.integer)):
-            kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
-        else:
-            kept = h[:, cp.asarray(to_numpy(logits_to_keep))]
-        batch, kept_tokens, hidden = kept.shape
-        logits = linear(kept.reshape(batch * kept_tokens, hidden), self.lm_head).reshape(batch, kept_tokens, -1)
-        logits = trace.record("logits", logits)
-        # Losses are a few scalars over logits already computed: the reference's NumPy code on host copies.
-        loss, aux_loss = None, None
-        if labels is not None or output_router_logits:
-            router_logits = None if out.router_logits is None else [to_numpy(r) for r in out.router_logits]
-            loss, aux_loss = causal_lm_losses(config, to_numpy(logits), to_numpy(labels), router_logits,
-                                              to_numpy(attention_mask), h.shape[:2])
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
-                                         past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                                         attentions=out.attentions, router_logits=out.router_logits)
-
-    forward = __call__
-
-    def new_cache(self, batch, capacity):
-        """An empty device KV cache for `batch` sequences of up to `capacity` tokens (used by generate)."""
-        return KVCache.for_config(self.config, batch, self.dtype, capacity=capacity)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, **kwargs):
         """Prompt plus new tokens as a CuPy int64 array; greedy or sampling, the KV cache on the device, each
@@ -234,31 +201,9 @@ class JetMoeForCausalLM(_Pretrained):
                         do_sample=do_sample, **kwargs)
 
 
-class JetMoeForSequenceClassification(_Pretrained):
-    head = "sequence_classification"
-
+class JetMoeForSequenceClassification(_Pretrained, hf_classes.JetMoeForSequenceClassification):
     def __init__(self, config, tensors, head_tensors, dtype=np.float32):
         self.config = config
         self.model = JetMoeModel(config, tensors, dtype=dtype)
         self.dtype = self.model.dtype
         self.score = upload("score.weight", head_tensors["score.weight"], np.dtype(np.float32))  # [num_labels, D], tiny
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                 output_hidden_states=False, cache_position=None):
-        cp = require_cupy()
-        config = self.config
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                         cache_position=cache_position, output_router_logits=False)
-        h = out.last_hidden_state  # [B, T, D]
-        batch = h.shape[0]
-        rows = cp.asarray(pooling_positions(config, to_numpy(input_ids), batch))  # [B]
-        pooled = linear(h[cp.arange(batch), rows], self.score)  # [B, C]: only the pooled rows need the head
-        pooled = trace.record("pooled_logits", pooled)
-        loss = None if labels is None else classification_loss(config, to_numpy(pooled), to_numpy(labels))
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                                                hidden_states=out.hidden_states, attentions=out.attentions)
-
-    forward = __call__

@@ -3,7 +3,7 @@
     jetmoe debug dump MODEL --prompt "ROMEO:" --backward [--aux [KIND]] --out ref.safetensors
     jetmoe debug compare MODEL port.safetensors [ref] --backward [--isolate] [--json] [--plot FILE.png]
 
-`dump --backward` runs the forward, then the reference's hand-written backward (reference.model.value_and_grad) of
+`dump --backward` runs the forward, then the reference's hand-written backward (reference.training.value_and_grad) of
 the causal-LM loss with labels = input_ids (-100 at the pads), shifted inside the loss as HF shifts them; with
 --aux [KIND] the load-balancing loss joins it (aux_loss_coef x that aux loss, reference/losses.py; default hf).
 Besides the forward's trace it records
@@ -29,7 +29,7 @@ import numpy as np
 
 from reference.io import trace as tracing
 from reference.losses import IGNORE_INDEX
-from reference.model import value_and_grad
+from reference.training import value_and_grad
 from reference.io.trace import Trace, TraceWriter, capture, handling, like
 
 from . import cli, debug

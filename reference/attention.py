@@ -113,7 +113,7 @@ def attend_backward(d_out, probs, v, top_k):
 
 def moa(x, w, cos, sin, mask, cache, layer_idx, config, saved=None):
     # x: [B, T, D], cos/sin: [B|1, T, Dh], mask: [B|1, 1, T, S] -> ([B, T, D], probs [B, K*H, T, S], logits [N, E])
-    # saved: None, or a dict that receives what moa_backward needs (reference.model.value_and_grad)
+    # saved: None, or a dict that receives what moa_backward needs (reference.training.value_and_grad)
     batch, tokens, hidden = x.shape
     top_k, heads, head_dim = config.num_experts_per_tok, config.num_key_value_heads, config.kv_channels
     x2d = x.reshape(batch * tokens, hidden)  # [N, D]

@@ -17,27 +17,19 @@ import numpy as np
 
 from .io.checkpoint import base_parameter_shapes, head_parameter_shapes
 from .io.trace import capture
+from .names import tensor_of
 
 PARTS = ("embedding and head", "routers", "kv_proj", "query experts", "attention", "output experts", "MLP experts",
          "norms and biases")
-# Tensor-name endings -> part, first match wins; the MoA's experts live under self_attention.experts, the MoE's
-# under mlp, and both routers end in router.layer.weight.
-_PART_BY_SUFFIX = (
-    ("embed_tokens.weight", "embedding and head"), ("lm_head.weight", "embedding and head"),
-    ("router.layer.weight", "routers"), ("kv_proj.weight", "kv_proj"),
-    ("self_attention.experts.input_linear.weight", "query experts"),
-    ("self_attention.experts.output_linear.weight", "output experts"),
-    ("mlp.input_linear.weight", "MLP experts"), ("mlp.output_linear.weight", "MLP experts"),
-    ("norm.weight", "norms and biases"), ("bias", "norms and biases"),
-)
 
 
 def part_of(name):
-    """The PARTS entry an HF tensor name belongs to (any prefix: "model.", "transformer." or none)."""
-    for suffix, part in _PART_BY_SUFFIX:
-        if name.endswith(suffix):
-            return part
-    raise ValueError(f"tensor {name!r} belongs to no part of JetMoE: {', '.join(PARTS)}")
+    """The PARTS entry an HF tensor name belongs to (any prefix: "model.", "transformer." or none), as
+    reference/names.py's table gives it."""
+    part = tensor_of(name).part
+    if part is None:
+        raise ValueError(f"tensor {name!r} belongs to no part of a causal LM: {', '.join(PARTS)}")
+    return part
 
 
 def parameter_shapes(config):

@@ -106,7 +106,7 @@ def swiglu_backward(d_act, h):
 def moe(x, w, top_k, saved=None):
     # x: [B, T, D] -> [B, T, D], router logits [N, E]
     # w: input_linear [E, 2F, D], output_linear [E, D, F], router [E, D], bias [D]
-    # saved: None, or a dict that receives what moe_backward needs (reference.model.value_and_grad)
+    # saved: None, or a dict that receives what moe_backward needs (reference.training.value_and_grad)
     batch, tokens, hidden = x.shape
     x2d = x.reshape(batch * tokens, hidden)  # [N, D]
     with trace.scope("router"):

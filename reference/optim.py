@@ -1,7 +1,7 @@
 """Training's update rule: AdamW, gradient clipping and the learning-rate schedule, as torch defines them.
 
 Shapes: every state tensor has its parameter's shape (reference/__init__.py). Gradients come from
-reference.model.value_and_grad. Notebook: notebooks/08_backpropagation_through_a_mixture_of_experts.ipynb.
+reference.training.value_and_grad. Notebook: notebooks/08_backpropagation_through_a_mixture_of_experts.ipynb.
 
 AdamW (Loshchilov & Hutter; torch.optim.AdamW with its defaults: no amsgrad, maximize or capturable), step t:
   p <- p * (1 - lr * weight_decay)                     decoupled decay, before the Adam step

@@ -1,7 +1,7 @@
 """Exercise 7: the aux loss pooled over all routers instead of per router."""
 
 import reference.losses
-import reference.model
+import reference.training
 
 SYMPTOM = ("Training with the load-balancing loss on, the port's experts balance worse in some layers than the "
            "reference's; the language-model loss alone trains the same.")
@@ -16,11 +16,11 @@ PLANTED = ["loss", "grad.layers.5.mlp.router.logits", "grad.layers.0.attention.r
 
 
 def patches(model):
-    loss, backward = reference.losses.router_aux_loss, reference.model.router_aux_loss_backward
+    loss, backward = reference.losses.router_aux_loss, reference.training.router_aux_loss_backward
 
     def pooled(kind):
         return "hf" if kind == "per_router" else kind  # the bug: the pool's loss for the per-router one
 
     return [(reference.losses, "router_aux_loss", lambda kind, *args, **kwargs: loss(pooled(kind), *args, **kwargs)),
-            (reference.model, "router_aux_loss_backward",
+            (reference.training, "router_aux_loss_backward",
              lambda kind, *args, **kwargs: backward(pooled(kind), *args, **kwargs))]

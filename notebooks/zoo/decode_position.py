@@ -1,6 +1,6 @@
 """Exercise 5: the KV cache's position off by one in decode."""
 
-import reference.model
+import reference.hf_classes
 
 SYMPTOM = ("The prompt's next token is right, then the generated text goes wrong from the second new token on; "
            "a forward over the whole text (no cache) is right.")
@@ -13,7 +13,7 @@ PLANTED = ["step.1.layers.0.attention.probs"]
 
 
 def patches(model):
-    original = reference.model.check_inputs
+    original = reference.hf_classes.check_inputs
 
     def check_inputs(config, *args, **kwargs):
         checked = original(config, *args, **kwargs)
@@ -21,4 +21,4 @@ def patches(model):
         if cache is None or cache.get_seq_length() == 0:
             return checked
         return (*checked[:4], checked[4] - 1)  # the bug: cache_position - 1 in decode
-    return [(reference.model, "check_inputs", check_inputs)]
+    return [(reference.hf_classes, "check_inputs", check_inputs)]

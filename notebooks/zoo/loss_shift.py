@@ -2,7 +2,8 @@
 
 import numpy as np
 
-import reference.model
+import reference.hf_classes
+import reference.training
 from reference.losses import IGNORE_INDEX
 
 SYMPTOM = ("Fine-tuning with the port, the loss falls more slowly than with the reference and the model learns "
@@ -22,12 +23,13 @@ def shifted(labels):
 
 
 def patches(model):
-    losses, backward = reference.model.causal_lm_losses, reference.model.causal_lm_loss_backward
+    losses, backward = reference.training.causal_lm_losses, reference.training.causal_lm_loss_backward
 
     def causal_lm_losses(config, logits, labels, *args, **kwargs):
         return losses(config, logits, None if labels is None else shifted(labels), *args, **kwargs)
 
     def causal_lm_loss_backward(logits, labels, kept=None):
         return backward(logits, shifted(labels))  # the mean over the labels the port keeps
-    return [(reference.model, "causal_lm_losses", causal_lm_losses),
-            (reference.model, "causal_lm_loss_backward", causal_lm_loss_backward)]
+    return [(reference.training, "causal_lm_losses", causal_lm_losses),
+            (reference.hf_classes, "causal_lm_losses", causal_lm_losses),
+            (reference.training, "causal_lm_loss_backward", causal_lm_loss_backward)]

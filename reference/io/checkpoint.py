@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from . import files
+from .. import names
 from ..config import JetMoeConfig
 from .mapped import MEMORY_FRACTION, MappedWeight, available_memory, convert
 
@@ -85,32 +86,16 @@ def model_dtype(dtype):
 
 
 def base_parameter_shapes(config):
-    """HF name (without prefix) -> shape for JetMoeModel."""
-    D, E, H, Dh, F, V = (config.hidden_size, config.num_local_experts, config.num_key_value_heads,
-                         config.kv_channels, config.intermediate_size, config.vocab_size)
-    shapes = {"embed_tokens.weight": (V, D), "norm.weight": (D,)}
+    """HF name (without prefix) -> shape for JetMoeModel, from reference/names.py's table."""
+    shapes = {t.name(): t.dims(config) for t in names.BASE_TENSORS}
     for i in range(config.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (D,),
-            p + "self_attention.kv_proj.weight": (2 * H * Dh, D),
-            p + "self_attention.experts.bias": (D,),
-            p + "self_attention.experts.input_linear.weight": (E, H * Dh, D),
-            p + "self_attention.experts.output_linear.weight": (E, D, H * Dh),
-            p + "self_attention.experts.router.layer.weight": (E, D),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "mlp.bias": (D,),
-            p + "mlp.input_linear.weight": (E, 2 * F, D),
-            p + "mlp.output_linear.weight": (E, D, F),
-            p + "mlp.router.layer.weight": (E, D),
-        })
+        shapes.update({t.name(i): t.dims(config) for t in names.BLOCK_TENSORS})
     return shapes
 
 
 def head_parameter_shapes(config, head):
     """HF name -> shape of the tensors a head adds on top of the base model."""
-    return {"base": {}, "causal_lm": {"lm_head.weight": (config.vocab_size, config.hidden_size)},
-            "sequence_classification": {"score.weight": (config.num_labels, config.hidden_size)}}[head]
+    return {t.name(): t.dims(config) for t in names.HEAD_TENSORS[head]}
 
 
 def all_parameter_shapes(config, head):

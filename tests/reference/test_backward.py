@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import MODEL_CONFIGS, assert_close, make_model, real_tokens
 
-import reference.model as model_module
+import reference.training as training
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, JetMoeModel, clip_grad_norm, cosine_lr, value_and_grad
 from reference.attention import (additive_mask, attend, attend_backward, attention_probs, attention_probs_backward,
                                  moa, moa_backward)
@@ -356,9 +356,9 @@ def test_tied_head_gradient_is_added_into_the_embedding(rng, tied):
 def test_shards_do_not_change_the_gradient(rng, monkeypatch):
     model, ids, labels, mask = model_case(rng, "E4_K2_H2")
     kwargs = dict(attention_mask=mask, output_router_logits=True, aux_loss="per_router")
-    monkeypatch.setattr(model_module, "THREADS", 3)  # one sequence per shard
+    monkeypatch.setattr(training, "THREADS", 3)  # one sequence per shard
     out3, grads3 = value_and_grad(model, ids, labels, **kwargs)
-    monkeypatch.setattr(model_module, "THREADS", 1)
+    monkeypatch.setattr(training, "THREADS", 1)
     out1, grads1 = value_and_grad(model, ids, labels, **kwargs)
     # float64: shards change only summation order
     assert_close(out3.loss, out1.loss, 1e-13, "loss")
@@ -371,9 +371,9 @@ def test_a_shard_that_predicts_nothing(rng, monkeypatch):
     # divides by the whole batch's count), not 0/0 (found by the HF gradient oracle)
     model, ids, labels, _ = model_case(rng, "E4_K2_H2")
     labels[1, 1:] = -100
-    monkeypatch.setattr(model_module, "THREADS", 3)
+    monkeypatch.setattr(training, "THREADS", 3)
     _, sharded = value_and_grad(model, ids, labels)
-    monkeypatch.setattr(model_module, "THREADS", 1)
+    monkeypatch.setattr(training, "THREADS", 1)
     _, whole = value_and_grad(model, ids, labels)
     for name in whole:
         assert_close(sharded[name], whole[name], 1e-12, name)
