@@ -20,11 +20,10 @@ import bdb
 import contextlib
 import contextvars
 import fnmatch
-import json
+import math
 import os
 import pdb
 import queue
-import struct
 import sys
 import threading
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 from .files import shown
 from ..inputs import to_numpy
 from .mapped import BF16, available_memory
+from .safetensors import Writer, code_of, read_safetensors
 
 _active = contextvars.ContextVar("jetmoe_trace", default=None)
 
@@ -136,9 +136,8 @@ class Trace(dict):
 
 def load_with_metadata(path):
     """(Trace, metadata {str: str}) of a safetensors trace file: untrusted input, read as a checkpoint is
-    (reference/io/checkpoint.py: a regular file, its header checked as strictly as the safetensors library does), its
+    (reference/io/safetensors.py: a regular file, its header checked as strictly as the safetensors library does), its
     tensors memory-mapped and read-only, so a large file costs no memory until a tensor is used."""
-    from .checkpoint import read_safetensors
     tensors, metadata = read_safetensors(os.fspath(path), with_metadata=True)
     order = metadata.get("order", "")
     names = [n for n in order.split(",") if n in tensors] if order else []
@@ -234,20 +233,14 @@ def capture():
         yield trace
 
 
-# safetensors dtype codes (its format: 8-byte little-endian header length, a JSON header, then the raw data)
-_SAFETENSORS_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                       np.dtype(BF16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-                       np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
-                       np.dtype(np.bool_): "BOOL"}
-
-
 class TraceWriter:
     """A handler that writes each traced tensor to a safetensors file as the forward produces it.
 
     A safetensors header (names, shapes, offsets) comes before the data and is known only at the end, so tensors
-    go to a spool file beside `path` as they come; close() writes the header and copies the spool after it in
-    4 MiB pieces. Memory holds one tensor at a time, whatever the model's size. The forward order goes into the
-    header's metadata ("order": the names, comma-separated), beside the caller's `metadata`.
+    go to a spool file beside `path` as they come; close() writes the file through reference/io/safetensors.py's
+    Writer, each tensor read back from the spool. Memory holds one tensor at a time, whatever the model's size.
+    The forward order goes into the header's metadata ("order": the names, comma-separated), beside the caller's
+    `metadata`.
 
         with TraceWriter("trace.safetensors", {"dtype": "float32"}) as writer, handling(writer):
             model(...)
@@ -257,37 +250,35 @@ class TraceWriter:
         self.path, self.metadata = os.fspath(path), dict(metadata or {})
         self._spool_path = self.path + ".part"
         self._spool = open(self._spool_path, "wb")  # OSError here names the unwritable path, before any work
-        self._entries = {}
-        self._offset = 0
+        self._specs = {}  # name -> (dtype, shape), in forward order
 
     def add(self, name, value):
-        if name in self._entries:
+        if name in self._specs:
             raise ValueError(f"trace point {name} was recorded twice")
         array = np.ascontiguousarray(to_numpy(value))
-        if array.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"trace point {name}: dtype {array.dtype} has no safetensors code")
-        data = array.tobytes()
-        self._spool.write(data)
-        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-                               "data_offsets": [self._offset, self._offset + len(data)]}
-        self._offset += len(data)
+        code_of(self.path, name, array.dtype)  # a dtype the format cannot hold is refused before it is spooled
+        self._spool.write(array.reshape(-1).view(np.uint8))
+        self._specs[name] = (array.dtype, array.shape)
 
     def __call__(self, name, value, frame):
         self.add(name, value)
         return value
 
     def __len__(self):
-        return len(self._entries)
+        return len(self._specs)
 
     def close(self):
         self._spool.close()
-        header = {"__metadata__": {**self.metadata, "order": ",".join(self._entries)}, **self._entries}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-        with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
-            out.write(struct.pack("<Q", len(text)) + text)
-            while piece := spool.read(4 << 20):
-                out.write(piece)
+        spool = np.memmap(self._spool_path, np.uint8, mode="r") if os.path.getsize(self._spool_path) else None
+        specs = [(name, dtype, shape) for name, (dtype, shape) in self._specs.items()]
+        with Writer(self.path, specs, {**self.metadata, "order": ",".join(self._specs)}) as writer:
+            offset = 0
+            for name, dtype, shape in specs:  # each tensor a view of the spool: copied by the kernel, not in memory
+                size = math.prod(shape) * dtype.itemsize
+                writer.write(name, spool[offset:offset + size].view(dtype).reshape(shape) if size else
+                             np.zeros(shape, dtype))
+                offset += size
+        del spool
         os.remove(self._spool_path)
 
     def discard(self):

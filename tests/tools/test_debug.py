@@ -17,7 +17,8 @@ from safetensors.numpy import save_file
 import reference
 from jetmoe.command import main
 from jetmoe.debug import Forwards, run_forwards
-from reference import JetMoeForCausalLM, trace
+from reference import JetMoeForCausalLM
+from reference.io import trace
 from reference.generation import positions_from_mask
 from reference.io.tokenizer import Tokenizer
 from reference.io.trace import Trace, load_with_metadata
