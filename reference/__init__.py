@@ -13,7 +13,8 @@ Shape legend, the one every file of reference/, gpu/ and jetmoe/ points to:
 The modules, in forward order, each with the notebook that walks through it: counting, the whole model at a
 glance (00); norm and rope (01), routing (02), linear and experts (03), attention and cache (04), model, inputs,
 outputs, losses and generation (05); config and precision set it up. reference/io/ holds the IO and runtime apart
-from the math: files, checkpoint, mapped (the big-checkpoint runtime), tokenizer and trace.
+from the math: files, safetensors, checkpoint, mapped (the big-checkpoint runtime), tokenizer, trace (recording),
+trace_files and compare.
 Every op's backward sits beside its forward (`rms_norm_backward` in norm, `moe_backward` in experts, ...), and
 model.value_and_grad runs them in reverse; optim holds AdamW, clip_grad_norm and cosine_lr (08).
 """
@@ -21,7 +22,8 @@ model.value_and_grad runs them in reverse; optim holds AdamW, clip_grad_norm and
 from .cache import KVCache
 from .config import JetMoeConfig
 from .io.checkpoint import CheckpointError
-from .io.trace import Trace, breakpoint, capture, compare, steps, substitute
+from .io.compare import compare
+from .io.trace import Trace, breakpoint, capture, steps, substitute
 from .model import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel, value_and_grad
 from .optim import AdamW, clip_grad_norm, cosine_lr
 
