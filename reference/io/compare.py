@@ -117,17 +117,18 @@ def near_tie_margin(ours_logits, theirs_logits, ours_idx, theirs_idx):
 def judge_routing(row, ours, theirs, rtol, atol):
     """A top_k_indices row that differs: near-tie where every flipped choice is within the tolerance of the router
     logits (both traces' `...router.logits`), else introduced; the note says by how much."""
-    name = row.name
-    logits_name = name[:-len("top_k_indices")] + "logits"
+    name, logits_name = row.name, row.name[:-len("top_k_indices")] + "logits"
+    ours_idx, theirs_idx = to_numpy(ours[name]), to_numpy(theirs[name])
     if logits_name in ours and logits_name in theirs:
-        flipped, margin = near_tie_margin(ours[logits_name], theirs[logits_name], ours[name], theirs[name])
+        flipped, margin = near_tie_margin(to_numpy(ours[logits_name]), to_numpy(theirs[logits_name]), ours_idx,
+                                          theirs_idx)
     else:
-        flipped, margin = np.flatnonzero(np.any(ours[name] != theirs[name], axis=1)), math.inf
+        flipped, margin = np.flatnonzero(np.any(ours_idx != theirs_idx, axis=1)), math.inf
     if not len(flipped):
         return
-    scale = float(np.max(np.abs(np.asarray(theirs.get(logits_name, 0.0), dtype=np.float64))))
+    scale = float(np.max(np.abs(np.asarray(to_numpy(theirs.get(logits_name, 0.0)), dtype=np.float64))))
     tie = margin <= atol + rtol * scale
-    row.note = (f"top-k differs at {len(flipped)}/{len(ours[name])} tokens, logit margin {margin:.2e} "
+    row.note = (f"top-k differs at {len(flipped)}/{len(ours_idx)} tokens, logit margin {margin:.2e} "
                 f"{'<=' if tie else '>'} tolerance {atol + rtol * scale:.2e}")
     row.verdict = "near-tie" if tie else "introduced"
 
@@ -146,7 +147,7 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0, names=None, isolated=False):
             rows.append(Divergence(name, "missing in trace_b", float("nan"), float("nan"), False, (), "missing"))
             continue
         row = compare_tensor(name, trace_a[name], trace_b[name], rtol, atol)
-        if name.endswith("top_k_indices") and row.shape == np.shape(trace_a[name]):
+        if name.endswith("top_k_indices") and not row.ok and row.shape == np.shape(trace_a[name]):
             judge_routing(row, trace_a, trace_b, rtol, atol)
         if ".inputs." in f".{name}" and row.verdict != "ok":
             row.verdict = "input"
