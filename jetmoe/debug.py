@@ -8,7 +8,7 @@
     jetmoe debug compare ... --html report.html         # one self-contained file to attach (jetmoe/report.py)
 
 `compare MODEL A [B]` compares two implementations, B defaulting to `ref`. Each side is a trace file (.safetensors,
-as `dump` writes it or a port writes it under the same names, README.md "Trace names"), or one of `ref` (this
+as `dump` writes it or a port writes it under the same names, docs/semantics.md "Trace names"), or one of `ref` (this
 reference), `hf` (Hugging Face transformers, jetmoe/hf_trace.py; the oracle extra) and `gpu` (the CUDA twin);
 `hf:bfloat16` and `gpu:bfloat16` run those in bf16. The inputs come from a trace file, so two files compare
 offline, and a live side runs on the file's inputs: its prompt, positions and every decode step's token (teacher
@@ -40,11 +40,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reference import JetMoeConfig
+from reference.generation import generate, positions_from_mask
+from reference.inputs import to_numpy
 from reference.io import files
 from reference.io import trace as tracing
-from reference.generation import generate, positions_from_mask
+from reference.io.compare import compare, format_rows
+from reference.io.trace import capture, handling, like, substitute
+from reference.io.trace_files import Trace, TraceWriter, check_trace_file, load_with_metadata, step_prefix
 from reference.losses import AUX_LOSSES
-from reference.io.trace import Trace, TraceWriter, capture, compare_tensor, handling, like, substitute, to_numpy
 
 from . import cli, finite
 from .generate import encode_prompts
@@ -79,12 +82,8 @@ class Forwards:
     source: str  # where they came from, for messages
 
     def names(self):
-        return {f"{prefix(i)}inputs.{name}": value for i, step in enumerate(self.steps)
+        return {f"{step_prefix(i)}inputs.{name}": value for i, step in enumerate(self.steps)
                 for name, value in zip(INPUTS, step)}
-
-
-def prefix(step):
-    return f"step.{step}." if step else ""
 
 
 def config_sha256(model_dir):
@@ -115,8 +114,8 @@ def parse_side(spec, ref_dtype):
     if not os.path.lexists(spec):
         raise FileNotFoundError(f"{spec!r} is neither ref, hf, gpu nor an existing .safetensors trace file")
     try:
-        saved, metadata = tracing.load_with_metadata(spec)
-    except ValueError as error:  # reference/io/checkpoint.py's CheckpointError, reference/io/files.py's FileError
+        saved, metadata = load_with_metadata(spec)
+    except ValueError as error:  # reference/io/safetensors.py's SafetensorsError
         raise ValueError(f"{spec} is not a readable safetensors trace: {error}") from None
     return Side(spec, "file", metadata.get("dtype") or file_dtype(saved), saved, metadata)
 
@@ -132,8 +131,8 @@ def forwards_of(side, notes):
     saved, steps = side.trace, []
     if "inputs.input_ids" not in saved:
         return None
-    while f"{prefix(len(steps))}inputs.input_ids" in saved:
-        p = prefix(len(steps))
+    while f"{step_prefix(len(steps))}inputs.input_ids" in saved:
+        p = step_prefix(len(steps))
         ids = np.asarray(saved[p + "inputs.input_ids"], dtype=np.int64)
         if ids.ndim != 2:
             raise ValueError(f"{side.label}: {p}inputs.input_ids must be [B, T] token ids, got shape {ids.shape}")
@@ -222,111 +221,7 @@ def isolated_trace(model, forwards, other):
     return trace
 
 
-# ---------------------------------------------------------------------------------------------- the rows
-
-@dataclass
-class Row:
-    name: str
-    shape: object
-    max_abs: float
-    max_rel: float
-    verdict: str
-    worst: dict
-    note: str = ""
-
-    def as_json(self):
-        def number(x):
-            return x if math.isfinite(x) else None
-        return {"name": self.name, "shape": list(self.shape) if isinstance(self.shape, tuple) else self.shape,
-                "max_abs": number(self.max_abs), "max_rel": number(self.max_rel), "verdict": self.verdict,
-                "worst": self.worst, "note": self.note}
-
-
-def axes_of(name, ndim):
-    """Axis names of a trace tensor, for saying where its worst error is (README.md "Trace names" shapes)."""
-    last = name.rsplit(".", 1)[-1]
-    if name.startswith("grad.param."):  # a parameter's gradient: the parameter's own axes
-        axes = ()
-    elif ".inputs." in f".{name}":
-        axes = ("batch", "token")
-    elif ".router." in name:
-        axes = ("token", "expert") if last == "logits" else ("token", "choice")
-    elif last in ("expert_act", "expert_out"):
-        axes = ("token", "choice", "feature")
-    elif last in ("query", "context"):
-        axes = ("batch", "token", "choice", "feature")
-    elif last in ("key", "value", "key_rope"):
-        axes = ("batch", "kv_head", "token", "dim")
-    elif last == "query_rope":
-        axes = ("batch", "head", "token", "dim")
-    elif last == "probs":
-        axes = ("batch", "head", "query", "key")
-    elif last in ("logits", "pooled_logits"):
-        axes = ("batch", "token", "vocab")[-ndim:] if last == "logits" else ("batch", "class")
-    else:
-        axes = ("batch", "token", "hidden")
-    return axes if len(axes) == ndim else tuple(f"axis{i}" for i in range(ndim))
-
-
-def near_tie_margin(ours_logits, theirs_logits, ours_idx, theirs_idx):
-    """(tokens whose top-k differs, the largest logit margin among them): at each flipped token, the smallest gap
-    between neighbours among the k+1 largest logits (the choice that flipped), the larger of the two sides'."""
-    flipped = np.flatnonzero(np.any(ours_idx != theirs_idx, axis=1))
-    k = ours_idx.shape[1]
-    margins = []
-    for logits in (ours_logits, theirs_logits):
-        top = -np.sort(-np.asarray(logits, dtype=np.float64)[flipped], axis=1)[:, :k + 1]  # [F, K+1]
-        margins.append(np.min(top[:, :-1] - top[:, 1:], axis=1) if top.shape[1] > 1 else np.zeros(len(flipped)))
-    return flipped, float(np.max(np.maximum(*margins))) if len(flipped) else 0.0
-
-
-def make_rows(names, ours, theirs, rtol, atol, isolated):
-    """Verdicted rows for `names` (in forward order), `ours` against `theirs` (the scale of max rel)."""
-    rows, upstream_bad = [], False
-    for name in names:
-        d = compare_tensor(name, ours[name], theirs[name], rtol, atol)
-        worst = dict(zip(axes_of(name, len(d.worst)), d.worst)) if d.worst else {}
-        note, verdict = "", "ok"
-        if name.endswith("top_k_indices") and d.shape == np.shape(ours[name]):
-            logits_name = name[:-len("top_k_indices")] + "logits"
-            flipped, margin = near_tie_margin(ours[logits_name], theirs[logits_name], ours[name], theirs[name]) \
-                if logits_name in ours and logits_name in theirs else (np.flatnonzero(
-                    np.any(ours[name] != theirs[name], axis=1)), math.inf)
-            if len(flipped):
-                scale = float(np.max(np.abs(np.asarray(theirs.get(logits_name, 0.0), dtype=np.float64))))
-                tie = margin <= atol + rtol * scale
-                note = (f"top-k differs at {len(flipped)}/{len(ours[name])} tokens, logit margin "
-                        f"{margin:.2e} {'<=' if tie else '>'} tolerance {atol + rtol * scale:.2e}")
-                verdict = "near-tie" if tie else "introduced"
-            elif not d.ok:
-                verdict = "introduced"
-        elif not d.ok:
-            verdict = "introduced"
-        if ".inputs." in f".{name}" and verdict != "ok":
-            verdict = "input"
-        elif verdict == "introduced" and upstream_bad and not isolated:
-            verdict = "inherited"
-        if verdict != "ok" and verdict != "input":
-            upstream_bad = True
-        rows.append(Row(name, d.shape, d.max_abs, d.max_rel, verdict, worst, note))
-    return rows
-
-
-def format_table(rows, show_all):
-    """Every row up to the first divergence, then only the rows that are not ok or inherited (--all: every row)."""
-    lines = [f"   {'name':<46} {'shape':<20} {'max abs':>9} {'max rel':>9}  {'verdict':<10} worst / note"]
-    seen_divergence = False
-    for row in rows:
-        bad = row.verdict != "ok"
-        if not show_all and seen_divergence and row.verdict in ("ok", "inherited"):
-            continue
-        mark = ">>" if bad and not seen_divergence else "  "
-        seen_divergence |= bad
-        where = " ".join(f"{axis} {i}" for axis, i in row.worst.items()) if bad else ""
-        lines.append(f"{mark} {row.name:<46} {str(row.shape):<20} {row.max_abs:>9.2e} {row.max_rel:>9.2e}  "
-                     f"{row.verdict:<10} {where}{'; ' if where and row.note else ''}{row.note}".rstrip())
-    return "\n".join(lines)
-
+# ---------------------------------------------------------------------------------------------- the report
 
 def plot(rows, trace_a, trace_b, path, title, rtol):
     """error_figure(...) written to path as a PNG."""
@@ -409,23 +304,31 @@ def writable(path, what):
         raise ValueError(f"cannot write the {what} {path}: {directory} is not a writable directory")
 
 
-def run_compare(args):
-    cli.check_model_directory(args.model)
-    a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
+def check_files(args, sides):
+    """A trace file is untrusted input: each one is checked against the model before any work."""
     config = JetMoeConfig.from_pretrained(args.model)
-    for side in (a, b):  # a trace file is untrusted: checked against the model before any work
+    for side in sides:
         if side.kind == "file":
-            tracing.check_trace_file(side.trace, side.metadata, config, side.label,
-                                     np.dtype(cli.DTYPES[args.dtype]).itemsize)
+            check_trace_file(side.trace, side.metadata, config, side.label, np.dtype(cli.DTYPES[args.dtype]).itemsize)
+
+
+def check_outputs(args, a, b, what):
+    """ValueError, before any work, for --isolate without a ref side and for a --plot or --html path that cannot be
+    written."""
     if args.isolate and "ref" not in (a.kind, b.kind):
-        raise ValueError("--isolate recomputes each tensor with the reference: make one side ref")
-    for path, what in ((args.plot, "plot"), (args.html, "report")):
+        raise ValueError(f"--isolate recomputes each {what} with the reference: make one side ref")
+    for path, kind in ((args.plot, "plot"), (args.html, "report")):
         if path:
-            writable(path, what)
-    notes, model, tokenizer = [], None, None
-    files = [s for s in (a, b) if s.kind == "file"]
+            writable(path, kind)
+
+
+def file_forwards(args, sides, notes):
+    """The Forwards the trace files among `sides` ran on (one and the same in every file), or None where no file
+    holds its inputs and --prompt gives them; `notes` gets what a port's file should add."""
     forwards = None
-    for side in files:
+    for side in sides:
+        if side.kind != "file":
+            continue
         found = forwards_of(side, notes)
         if found is not None and args.prompt is not None:
             raise ValueError(f"--prompt: {side.label} holds the inputs it ran on, and a live side runs on those; "
@@ -438,25 +341,54 @@ def run_compare(args):
             check_same_forwards(forwards, found)
         forwards = forwards or found
         notes += config_notes(side, args.model)
+    return forwards
+
+
+def roles(a, b):
+    """(the subject, the reference side): B, unless A is ref and B is not."""
+    return (a, b) if b.kind == "ref" or a.kind != "ref" else (b, a)
+
+
+def tolerance(args, a, b):
+    """--rtol, or the default of the less precise side's dtype."""
+    dtype = min((a.dtype, b.dtype), key=PRECISION.index)
+    return DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
+
+
+def shared_names(a, b, reference_side):
+    """The names both traces hold, in the forward's order (the reference's, when it is one side)."""
+    order = reference_side.trace if reference_side.kind == "ref" else a.trace
+    return [n for n in order if n in a.trace and n in b.trace]
+
+
+def matching(names, only):
+    """The names matching the --only glob (all without one)."""
+    return [n for n in names if only is None or fnmatch.fnmatchcase(n, only)]
+
+
+def run_compare(args):
+    cli.check_model_directory(args.model)
+    a, b = parse_side(args.a, args.dtype), parse_side(args.b, args.dtype)
+    check_files(args, (a, b))
+    check_outputs(args, a, b, "tensor")
+    notes, model = [], None
+    forwards = file_forwards(args, (a, b), notes)
     if any(s.kind != "file" for s in (a, b)) or forwards is None:
         model, tokenizer = cli.load(args.model, args.dtype)
         forwards = forwards or prompt_forwards(args, tokenizer, model)
-    subject, reference_side = (a, b) if b.kind == "ref" or a.kind != "ref" else (b, a)
+    subject, reference_side = roles(a, b)
     for side in (a, b):
         if side.kind != "file" and not (args.isolate and side is reference_side):
             side.trace = live_trace(side, model, args.model, forwards)
             finite.check_trace(side.trace, side.label)
     if args.isolate:
         reference_side.trace = isolated_trace(model, forwards, subject.trace)
-    dtype = min((a.dtype, b.dtype), key=PRECISION.index)
-    rtol = DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
-    order = reference_side.trace if reference_side.kind == "ref" else a.trace  # the forward's order
-    names = [n for n in order if n in a.trace and n in b.trace and (args.only is None or
-                                                                    fnmatch.fnmatchcase(n, args.only))]
-    rows = make_rows(names, a.trace, b.trace, rtol, args.atol, args.isolate)
-    if not rows:
+    names = matching(shared_names(a, b, reference_side), args.only)
+    if not names:
         raise ValueError(f"{a.label} and {b.label} share no tensor names{' matching --only' if args.only else ''} "
-                         "(see README.md 'Trace names')")
+                         "(see docs/semantics.md 'Trace names')")
+    rtol = tolerance(args, a, b)
+    rows = compare(a.trace, b.trace, rtol, args.atol, names, args.isolate)[1]
     return report(args, a, b, rows, forwards, notes, rtol,
                   f"{side_title(a)} vs {side_title(b)}{' (--isolate)' if args.isolate else ''}", "tensor")
 
@@ -481,7 +413,7 @@ def report(args, a, b, rows, forwards, notes, rtol, title, what):
           f"{', isolated' if args.isolate else ''}")
     for note in notes:
         print(f"note: {note}")
-    print(format_table(rows, args.all))
+    print(format_rows(rows, show_all=args.all))
     unmatched = [n for n in list(a.trace) + list(b.trace) if n not in a.trace or n not in b.trace]
     if unmatched:
         print(f"\n{len(unmatched)} tensors are in only one trace (not compared), e.g. {', '.join(unmatched[:3])}")
@@ -601,7 +533,7 @@ def run_step(args):
         print(f"quit at {matched[-1]}")
         return 0
     if not matched:
-        raise ValueError(f"no trace point matched --break {args.break_at!r} (README.md 'Trace names')")
+        raise ValueError(f"no trace point matched --break {args.break_at!r} (docs/semantics.md 'Trace names')")
     print(f"done: stopped at {len(matched)} trace points")
     return 0
 

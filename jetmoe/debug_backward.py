@@ -22,15 +22,16 @@ carries the gradient of the sum (grad.layers.i.output), as the math does: a corr
 branch's bug. docs/porting.md shows how a port writes such a trace with torch hooks.
 """
 
-import fnmatch
 import re
 
 import numpy as np
 
 from reference.io import trace as tracing
+from reference.io.compare import compare
+from reference.io.trace import capture, handling, like
+from reference.io.trace_files import Trace, TraceWriter
 from reference.losses import IGNORE_INDEX
 from reference.training import value_and_grad
-from reference.io.trace import Trace, TraceWriter, capture, handling, like
 
 from . import cli, debug
 
@@ -161,11 +162,7 @@ def run_compare_backward(args):
         if side.kind == "gpu":
             raise ValueError(f"{side.label}: --backward compares trace files, ref and hf (the GPU twin has no "
                              "backward)")
-    if args.isolate and "ref" not in (a.kind, b.kind):
-        raise ValueError("--isolate recomputes each gradient with the reference: make one side ref")
-    for path, what in ((args.plot, "plot"), (args.html, "report")):
-        if path:
-            debug.writable(path, what)
+    debug.check_outputs(args, a, b, "gradient")
     notes, forwards, kinds = [], None, {}
     files = [s for s in (a, b) if s.kind == "file"]
     for side in files:
@@ -195,7 +192,7 @@ def run_compare_backward(args):
             cli.check_prompts(args.prompt)
             ids, mask = tokenizer.encode_batch(args.prompt)
             forwards = debug.Forwards([(ids, mask, training_positions(ids))], "--prompt")
-    subject, reference_side = (a, b) if b.kind == "ref" or a.kind != "ref" else (b, a)
+    subject, reference_side = debug.roles(a, b)
     ids, mask, _ = forwards.steps[0]
     for side in (a, b):
         if side.kind == "hf":
@@ -207,21 +204,19 @@ def run_compare_backward(args):
         reference_side.trace = Trace()
         with handling(isolating(subject.trace, reference_side.trace)):
             traced_backward(model, ids, mask, aux)
-    dtype = min((a.dtype, b.dtype), key=debug.PRECISION.index)
-    rtol = debug.DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
-    order = reference_side.trace if reference_side.kind == "ref" else a.trace
-    shared = [n for n in order if n in a.trace and n in b.trace]
+    rtol = debug.tolerance(args, a, b)
+    shared = debug.shared_names(a, b, reference_side)
     if not args.isolate:
-        forward = debug.make_rows([n for n in shared if not n.startswith(GRAD) and n != "loss"], a.trace, b.trace,
-                                  rtol, args.atol, False)
+        forward = compare(a.trace, b.trace, rtol, args.atol, [n for n in shared if not n.startswith(GRAD) and
+                                                             n != "loss"])[1]
         first = next((r.name for r in forward if r.verdict not in ("ok", "input")), None)
         if first:
             notes.append(f"the forwards already differ at {first}: every gradient inherits it (compare without "
                          "--backward, or use --isolate)")
-    names = [n for n in backward_order(shared) if args.only is None or fnmatch.fnmatchcase(n, args.only)]
+    names = debug.matching(backward_order(shared), args.only)
     if not names:
         raise ValueError(f"{a.label} and {b.label} share no gradients{' matching --only' if args.only else ''}")
-    rows = debug.make_rows(names, a.trace, b.trace, rtol, args.atol, args.isolate)
+    rows = compare(a.trace, b.trace, rtol, args.atol, names, args.isolate)[1]
     title = (f"{debug.side_title(a)} vs {debug.side_title(b)}, gradients of {loss_kind(aux)}"
              f"{' (--isolate)' if args.isolate else ''}")
     return debug.report(args, a, b, rows, forwards, notes, rtol, title, "gradient")

@@ -83,7 +83,7 @@ def verdict_table(rows):
              '<th>verdict</th><th>worst / note</th></tr></thead><tbody>']
     for i, r in enumerate(rows):
         mark = ' id="first-divergence" class="first"' if r.name == first else ""
-        where = " ".join(f"{axis} {j}" for axis, j in r.worst.items()) if r.verdict != "ok" else ""
+        where = " ".join(f"{axis} {j}" for axis, j in r.where().items()) if r.verdict != "ok" else ""
         note = "; ".join(x for x in (where, r.note) if x)
         lines.append(f'<tr data-verdict="{r.verdict}" data-name="{esc(r.name)}"{mark}><td class="num">{i}</td>'
                      f'<td>{esc(r.name)}</td><td>{esc(r.shape)}</td><td class="num">{number(r.max_abs)}</td>'
@@ -189,7 +189,7 @@ def versions():
 
 
 def write_html(path, rows, trace_a, trace_b, title, rtol, atol, notes=(), x_label="trace point, in forward order"):
-    """Write the report of a compare (rows: jetmoe.debug.Row) to `path`."""
+    """Write the report of a compare (rows: reference.io.compare.Divergence) to `path`."""
     command = " ".join(["jetmoe", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("jetmoe") else \
         " ".join(sys.argv)
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)

@@ -36,7 +36,6 @@ import time
 import ml_dtypes
 import numpy as np
 import tokenizers
-from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
@@ -46,6 +45,7 @@ from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
 from reference.io.tokenizer import Tokenizer
 from reference.io.mapped import THREADS
+from reference.io.safetensors import SafetensorsError, read_safetensors, write_safetensors
 
 from . import cli, corpus
 
@@ -271,8 +271,8 @@ def resume(args):
     if not os.path.isfile(optimizer_path):
         raise FileNotFoundError(f"no {OPTIMIZER_STATE} in checkpoint {path!r}")
     try:
-        optimizer_state = load_file(optimizer_path)
-    except Exception as error:  # safetensors raises its own error type for a malformed file
+        optimizer_state = read_safetensors(optimizer_path)
+    except SafetensorsError as error:
         raise ValueError(f"{optimizer_path} is not a safetensors file: {error}") from None
     optimizer.load_state_dict(optimizer_state)
     if optimizer.steps != step:
@@ -344,8 +344,7 @@ def save_checkpoint(run, out_dir):
     run.model.save_pretrained(partial)
     with open(os.path.join(partial, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(run.tokenizer_json)
-    save_file({k: np.ascontiguousarray(v) for k, v in run.optimizer.state_dict().items()},
-              os.path.join(partial, OPTIMIZER_STATE))
+    write_safetensors(os.path.join(partial, OPTIMIZER_STATE), run.optimizer.state_dict())
     state = {"step": run.step, "recipe": run.recipe, "rng": run.rng.bit_generator.state, "log": run.log}
     with open(os.path.join(partial, TRAINER_STATE), "w", encoding="utf-8") as f:
         json.dump(state, f)

@@ -17,7 +17,8 @@ block and the forward), losses and generation (05); config and precision set it 
 of the checkpoint's tensors (HF name, place in the model, shape). Around the math:
 hf_classes holds HF's classes (JetMoeModel, JetMoeForCausalLM, JetMoeForSequenceClassification: keywords,
 outputs, from_pretrained, generate; gpu/ derives its own from them), inputs their input checks, and
-reference/io/ the IO and runtime: files, checkpoint, mapped (the big-checkpoint runtime), tokenizer and trace.
+reference/io/ the IO and runtime: files, safetensors, checkpoint, mapped (the big-checkpoint runtime), tokenizer,
+trace (recording), trace_files and compare.
 Every op's backward sits beside its forward (`rms_norm_backward` in norm, `moe_backward` in experts, ...);
 training.value_and_grad runs them in reverse; optim holds AdamW, clip_grad_norm and cosine_lr (08).
 """
@@ -26,7 +27,8 @@ from .cache import KVCache
 from .config import JetMoeConfig
 from .hf_classes import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
 from .io.checkpoint import CheckpointError
-from .io.trace import Trace, breakpoint, capture, compare, steps, substitute
+from .io.compare import compare
+from .io.trace import Trace, breakpoint, capture, steps, substitute
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .training import value_and_grad
 

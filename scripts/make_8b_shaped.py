@@ -4,9 +4,10 @@
     .venv/bin/python scripts/make_8b_shaped.py --layers 1 --out DIR  # a cut: the first layer's tensors, about 1 GB
 
 Same shapes, HF key names, dtype (bf16), tie and sharding (four shards and model.safetensors.index.json) as the hub
-checkpoint, and a Llama-style tokenizer.json of its vocabulary size: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632, V=32000. Its config.json carries the keys of the hub
-file, including ones only the original JetMoE code reads, which HF keeps as plain attributes. Every tensor is drawn
-from a seed derived from its name, so a cut holds exactly the full checkpoint's tensors for its layers.
+checkpoint, and a Llama-style tokenizer.json of its vocabulary size: D=2048, L=24, E=8, K=2, H=16, Dh=128, F=5632,
+V=32000. Its config.json carries the keys of the hub file, including ones only the original JetMoE code reads,
+which HF keeps as plain attributes. Every tensor is drawn from a seed derived from its name, so a cut holds exactly
+the full checkpoint's tensors for its layers.
 
 Scales: matrices N(0, 0.02), norm weights U(0.8, 1.2), biases N(0, 0.01); routers N(0, 0.1), so that top-k
 margins are real (router logits of a few units, not ties). The bf16 values are float32 draws rounded to nearest
@@ -21,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 
@@ -32,6 +32,8 @@ try:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     from reference.io.checkpoint import base_parameter_shapes, is_norm_weight
+    from reference.io.mapped import BF16
+    from reference.io.safetensors import Writer
     from reference.config import JetMoeConfig
 except ImportError as error:  # the machine's python3, not the project's environment
     sys.exit(f"error: {error}: run it with the project's environment: make 8b-shaped (or .venv/bin/python "
@@ -90,19 +92,9 @@ def shard_names(tensors):
 
 def write_shard(path, tensors):
     """Stream one safetensors file: the header first (offsets are known from the shapes), then each tensor."""
-    header, offset = {}, 0
-    for name, shape in tensors:
-        size = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path + ".partial", "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
+    with Writer(path, [(name, BF16, shape) for name, shape in tensors], {"format": "pt"}) as writer:
         for name, shape in tensors:
-            f.write(draw(name, shape).tobytes())
-    os.replace(path + ".partial", path)
+            writer.write(name, draw(name, shape).view(BF16))
 
 
 def write_tokenizer(out, vocab_size):

@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from jetmoe import hf_oracle
+from reference.io.safetensors import write_safetensors
 
 # At least: top-k 1 and top-k = E, a single kv head, odd sizes, untied embeddings, rms_norm_eps != 1e-6 and a
 # rope_theta other than 10000. The sizes stay tiny so the goldens are small and the tests fast.
@@ -66,11 +66,10 @@ def main():
         else:
             raise RuntimeError(f"{name}: no seed gave clear routing margins")
         for label, result in outputs.items():
-            save_file({k: np.ascontiguousarray(v.astype(np.float64) if np.issubdtype(v.dtype, np.floating)
-                                               else v.astype(np.int64)) for k, v in result.items()},
-                      os.path.join(out_dir, f"outputs_{label}.safetensors"))
-        save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()},
-                  os.path.join(out_dir, "inputs.safetensors"))
+            write_safetensors(os.path.join(out_dir, f"outputs_{label}.safetensors"),
+                              {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v.astype(np.int64)
+                               for k, v in result.items()})
+        write_safetensors(os.path.join(out_dir, "inputs.safetensors"), inputs)
         with open(os.path.join(out_dir, "golden_info.json"), "w") as f:
             json.dump({"seed": seed, "router_margin": margin, "transformers": hf_oracle.transformers.__version__,
                        "torch": torch.__version__}, f, indent=2)

@@ -8,7 +8,7 @@ import numpy as np
 
 from reference import JetMoeForCausalLM, JetMoeForSequenceClassification
 from reference.generation import positions_from_mask
-from reference.io.trace import compare_tensor
+from reference.io.compare import compare_tensor
 
 # float64: both sides compute in float64; what is left is summation order (~1e-15 per op over a few ops).
 FLOAT64_RTOL = 1e-10

@@ -57,7 +57,7 @@ def copy_checkpoint(model_dir, out_dir, config=None, tensors=None):
     """A copy of a checkpoint into out_dir with config.json keys and safetensors tensors replaced; returns out_dir."""
     import json
     import shutil
-    from safetensors.numpy import load_file, save_file
+    from reference.io.safetensors import read_safetensors, write_safetensors
     os.makedirs(out_dir, exist_ok=True)
     for file in ("tokenizer.json", "generation_config.json"):
         shutil.copyfile(os.path.join(model_dir, file), os.path.join(out_dir, file))
@@ -65,10 +65,10 @@ def copy_checkpoint(model_dir, out_dir, config=None, tensors=None):
         values = {**json.load(f), **(config or {})}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(values, f, indent=2)
-    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
     for key, change in (tensors or {}).items():
         weights[key] = change(weights[key])
-    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), weights, metadata={"format": "pt"})
     return out_dir
 
 

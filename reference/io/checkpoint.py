@@ -1,15 +1,13 @@
 """Hugging Face checkpoints: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
 
-Tensors keep HF's key names. Files are memory-mapped: a tensor whose dtype already matches the requested one
-is a read-only view of the file, never a copy. BF16 is read through ml_dtypes. Every error names the tensor
-(or file) at fault.  Shapes: reference/__init__.py.
+Tensors keep HF's key names. Files are read and written by reference/io/safetensors.py, memory-mapped: a tensor
+whose dtype already matches the requested one is a read-only view of the file, never a copy. Every error names the
+tensor (or file) at fault.  Shapes: reference/__init__.py.
 
 Notebook: notebooks/05_the_whole_model.ipynb.
 """
 
-import math
 import os
-import struct
 
 import ml_dtypes
 import numpy as np
@@ -18,17 +16,13 @@ from . import files
 from .. import names
 from ..config import JetMoeConfig
 from .mapped import MEMORY_FRACTION, MappedWeight, available_memory, convert
+from .safetensors import SafetensorsError, read_safetensors, write_safetensors
 
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
-}
 SUPPORTED_MODEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Prefixes a base-model tensor may carry: "model." in HF's CausalLM and SequenceClassification checkpoints,
 # "transformer." being JetMoePreTrainedModel.base_model_prefix.
 BASE_PREFIXES = ("model.", "transformer.")
-HEAD_TENSORS = {"base": (), "causal_lm": ("lm_head.weight",), "sequence_classification": ("score.weight",)}
+HEAD_TENSORS = {head: tuple(t.name() for t in rows) for head, rows in names.HEAD_TENSORS.items()}  # head -> names
 
 
 class Pretrained:
@@ -109,103 +103,12 @@ def is_norm_weight(name):
     return name.endswith("norm.weight")
 
 
-MAX_HEADER_BYTES = files.LIMITS["header"]  # the safetensors library's MAX_HEADER_SIZE
-MAX_NDIM = 64  # NumPy's most dimensions
-
-
-def _read_header(f, path, size):
-    # f: the open file, size: its bytes -> (header {name: entry}, metadata {str: str}, data start)
-    prefix = f.read(8)
-    if len(prefix) < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-    (header_len,) = struct.unpack("<Q", prefix)
-    if header_len > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{path}: the safetensors header claims {header_len:,} bytes, over the "
-                              f"{MAX_HEADER_BYTES:,}-byte cap (the safetensors library's)")
-    if header_len > size - 8:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file: header claims {header_len} "
-                              f"bytes but the file has {size}")
-    try:
-        header = files.parse_json(f.read(header_len).decode("utf-8"), f"{path} header")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason})") from None
-    except files.FileError as e:
-        raise CheckpointError(str(e)) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings, got "
-                              f"{files.shown(metadata)}")
-    return header, metadata, 8 + header_len
-
-
-def _entry(path, name, info):
-    # one header entry -> (begin, end, dtype, shape), checked as the safetensors library checks it
-    try:
-        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: tensor {files.shown(name)} has a malformed header entry "
-                              f"{files.shown(info)}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
-        raise CheckpointError(f"{path}: tensor {files.shown(name)} has a malformed header entry {files.shown(info)} "
-                              f"(offsets and shape must be integers >= 0)")
-    if len(shape) > MAX_NDIM:
-        raise CheckpointError(f"{path}: tensor {files.shown(name)} has {len(shape)} dimensions, more than {MAX_NDIM}")
-    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
-        dtype_text = dtype_name[:16] if isinstance(dtype_name, str) else files.shown(dtype_name)
-        raise CheckpointError(f"{path}: tensor {files.shown(name)} has unsupported dtype {dtype_text}")
-    dtype = SAFETENSORS_DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize  # exact: a huge shape cannot wrap around as int64 would
-    if end - begin != expected:
-        raise CheckpointError(f"{path}: tensor {files.shown(name)} is corrupt: shape {list(shape)} {dtype_name} "
-                              f"needs {expected} bytes, header gives offsets [{begin}, {end})")
-    return begin, end, dtype, shape
-
-
-def _check_layout(path, entries, data_size):
-    # entries: {name: (begin, end, ...)}: the tensors must tile the data exactly, as the safetensors library
-    # requires: sorted by offset, each starts where the one before ends (no overlap, no gap), the last ends at the end
-    end_so_far, before = 0, None
-    for name, (begin, end, *_) in sorted(entries.items(), key=lambda item: item[1][:2]):
-        if begin != end_so_far:
-            raise CheckpointError(
-                f"{path}: tensor {files.shown(name)} starts at data byte {begin}, but "
-                + (f"{files.shown(before)} ends at {end_so_far}" if before is not None else "the data starts at 0")
-                + f": tensors must follow each other without {'overlap' if begin < end_so_far else 'gap'}")
-        end_so_far, before = end, name
-    if end_so_far != data_size:
-        raise CheckpointError(f"{path}: the tensors cover {end_so_far} bytes of data, but the file holds {data_size} "
-                              f"after its header")
-
-
-def read_safetensors(path, with_metadata=False):
-    """name -> read-only memory-mapped array, for every tensor of one .safetensors file, its header checked as
-    strictly as the safetensors library checks it; with_metadata: (that, the header's __metadata__)."""
-    with files.open_file(path, None) as f:
-        size = os.fstat(f.fileno()).st_size
-        header, metadata, data_start = _read_header(f, path, size)
-        entries = {name: _entry(path, name, info) for name, info in header.items()}
-        for name, (begin, end, _, _) in entries.items():
-            if data_start + end > size:
-                raise CheckpointError(f"{path}: truncated file: tensor {files.shown(name)} ends at byte "
-                                      f"{data_start + end} but the file has {size} bytes")
-        _check_layout(path, entries, size - data_start)
-        try:
-            mapped = np.memmap(f, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-        except OSError as error:  # e.g. too many open files: every mapped shard keeps one
-            raise CheckpointError(f"{path}: cannot be memory-mapped: {error.strerror or error}") from None
-    tensors = {name: mapped[data_start + begin:data_start + end].view(dtype).reshape(shape)
-               for name, (begin, end, dtype, shape) in entries.items()}
-    return (tensors, metadata) if with_metadata else tensors
-
-
 def read_checkpoint_tensors(path):
     """All tensors of an HF model directory: model.safetensors, or the shards its index lists; every failure a
-    CheckpointError naming the file (reference/io/files.py's refusals included)."""
+    CheckpointError naming the file (reference/io/files.py's and reference/io/safetensors.py's refusals included)."""
     try:
         return _read_checkpoint_tensors(path)
-    except files.FileError as error:
+    except (files.FileError, SafetensorsError) as error:
         raise CheckpointError(str(error)) from None
 
 
@@ -351,10 +254,8 @@ def place(tensors, dtype, max_memory=None, progress=None):
 
 def write_checkpoint(path, config, tensors):
     """Write config.json and model.safetensors (HF names, HF's 'pt' format tag) so transformers can load them."""
-    from safetensors.numpy import save_file
     config.save_pretrained(path)
-    save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"})
 
 
 def initial_parameters(config, head, rng, dtype=np.float32):

@@ -4,36 +4,33 @@ The model code writes `x = trace.record("input_layernorm", x)`: record returns t
 With nothing active that is one context-variable lookup and the value comes back as it was, so tracing never
 changes the code path. Names are built from nested `scope()`s, e.g. `layers.3` + `attention.router` +
 `top_k_indices` -> `layers.3.attention.router.top_k_indices`; generate adds `step.{i}.` for each decoded token
-(README.md "Trace names" lists them all).
+(docs/semantics.md "Trace names" lists them all).
 
 What can be active, nested in any combination (each sees the value the one outside it passed on):
   capture()            keep a copy of every tensor, in forward order (a Trace)
-  TraceWriter(path)    write every tensor to a safetensors file as the forward goes (memory: one tensor at a time)
   breakpoint(glob)     stop in pdb (or call a callback) in the frame that computed each matching tensor
   substitute({n: a})   make the forward go on with array a at trace point n
   steps(model, ...)    a generator of (name, value) in forward order; .send(array) replaces the value
+  handling(handler)    any handler(name, value, frame) -> value, e.g. trace_files.TraceWriter(path), which writes
+                       every tensor to a file as the forward goes
 
-Notebook: notebooks/07_debugging_a_port.ipynb.
+Trace files (save, load, the checks of a port's file): reference/io/trace_files.py. Comparing two traces:
+reference/io/compare.py. Notebook: notebooks/07_debugging_a_port.ipynb.
 """
 
 import bdb
 import contextlib
 import contextvars
 import fnmatch
-import json
-import os
 import pdb
 import queue
-import struct
 import sys
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
-from .files import shown
 from ..inputs import to_numpy
-from .mapped import BF16, available_memory
+from .trace_files import Trace, step_prefix
 
 _active = contextvars.ContextVar("jetmoe_trace", default=None)
 
@@ -78,7 +75,7 @@ def scope(name):
 
 def step_scope(step):
     """generate's forward number `step`: the prefill (0) keeps the plain names, decode step i is `step.{i}.`."""
-    return scope(f"step.{step}" if step else None)
+    return scope(step_prefix(step)[:-1] or None)
 
 
 def record(name, value):
@@ -119,108 +116,6 @@ def like(replacement, value, name):
     return xp.array(replacement, dtype=value.dtype)
 
 
-class Trace(dict):
-    """name -> array, in the order the forward produced them (a dict keeps insertion order)."""
-
-    def save(self, path, metadata=None):
-        """Write the trace to safetensors so another runtime can be compared offline (see TraceWriter)."""
-        with TraceWriter(path, metadata) as writer:
-            for name, value in self.items():
-                writer.add(name, value)
-
-    @classmethod
-    def load(cls, path):
-        """A saved trace, in forward order when the file records it (a port's own file may not: then by name)."""
-        return cls(load_with_metadata(path)[0])
-
-
-def load_with_metadata(path):
-    """(Trace, metadata {str: str}) of a safetensors trace file: untrusted input, read as a checkpoint is
-    (reference/io/checkpoint.py: a regular file, its header checked as strictly as the safetensors library does), its
-    tensors memory-mapped and read-only, so a large file costs no memory until a tensor is used."""
-    from .checkpoint import read_safetensors
-    tensors, metadata = read_safetensors(os.fspath(path), with_metadata=True)
-    order = metadata.get("order", "")
-    names = [n for n in order.split(",") if n in tensors] if order else []
-    known = set(names)
-    return Trace([(n, tensors[n]) for n in names] + [(n, t) for n, t in tensors.items() if n not in known]), metadata
-
-
-TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compared in
-MAX_POSITION = 2**31 - 1
-
-
-def check_trace_file(trace, metadata, config, label, itemsize=8, available=None):
-    """ValueError, before any work, where a trace file (a Trace and its metadata) does not fit the model `config`:
-    float tensors other than bfloat16/float32/float64, inputs.* that are not [B, T] integers of the right shapes,
-    token ids outside the vocabulary, more tokens than max_position_embeddings, routing indices outside [0, E), or
-    a forward whose activations, `itemsize` bytes a number, would not fit `available` bytes (default: the memory
-    available now)."""
-    dtype = metadata.get("dtype")
-    if dtype is not None and dtype not in TRACE_FLOATS:
-        raise ValueError(f"{label}: its metadata says dtype {shown(dtype)}; a trace is compared in "
-                         f"{', '.join(TRACE_FLOATS)}")
-    for name, value in trace.items():
-        kind = np.dtype(value.dtype)
-        if kind.kind == "f" or kind == BF16:
-            if kind.name not in TRACE_FLOATS:
-                raise ValueError(f"{label}: tensor {shown(name)} is {kind.name}; a trace holds "
-                                 f"{', '.join(TRACE_FLOATS)} floats (cast it to float32)")
-        elif kind.kind not in "iub":
-            raise ValueError(f"{label}: tensor {shown(name)} has dtype {kind.name}, neither float nor integer")
-        if name.endswith("router.top_k_indices"):
-            _check_ids(label, name, value, config.num_local_experts, 2)
-            if value.shape[1] != config.num_experts_per_tok:
-                raise ValueError(f"{label}: {name} has shape {list(value.shape)}, the model chooses "
-                                 f"K={config.num_experts_per_tok} experts per token")
-    step, batch, tokens = 0, None, 0
-    while (prefix := f"step.{step}." if step else "") + "inputs.input_ids" in trace:
-        ids = _check_ids(label, prefix + "inputs.input_ids", trace[prefix + "inputs.input_ids"], config.vocab_size, 2)
-        batch = ids.shape[0] if batch is None else batch
-        expected = (batch, ids.shape[1] if step == 0 else 1)
-        if ids.shape != expected:
-            raise ValueError(f"{label}: {prefix}inputs.input_ids has shape {list(ids.shape)}, expected "
-                             f"{list(expected)}")
-        tokens += ids.shape[1]
-        for name, high, shape in (("attention_mask", 2, (batch, tokens)), ("position_ids", MAX_POSITION,
-                                                                           expected)):
-            if prefix + "inputs." + name in trace:
-                value = _check_ids(label, prefix + "inputs." + name, trace[prefix + "inputs." + name], high, 2)
-                if value.shape != shape:
-                    raise ValueError(f"{label}: {prefix}inputs.{name} has shape {list(value.shape)}, expected "
-                                     f"{list(shape)}")
-        step += 1
-    if tokens > config.max_position_embeddings:
-        raise ValueError(f"{label} runs on {tokens} tokens, more than max_position_embeddings="
-                         f"{config.max_position_embeddings} of the model")
-    needed = activation_bytes(config, batch or 0, tokens, itemsize)
-    available = available if available is not None else available_memory()
-    if available is not None and needed > available:
-        raise ValueError(f"{label}: a trace of its {batch} x {tokens} tokens needs about {needed / 2**30:.1f} GiB of "
-                         f"activations, more than the {available / 2**30:.1f} GiB available")
-
-
-def activation_bytes(config, batch, tokens, itemsize):
-    """A bound on the bytes a captured forward over [batch, tokens] keeps, `itemsize` bytes a number: per layer the
-    attention probs [B, K*H, T, T], a dozen [B, T, D] tensors and the experts' [N, K, 3F]; then the logits [B, T, V]."""
-    K, H, D, F = (config.num_experts_per_tok, config.num_key_value_heads, config.hidden_size,
-                  config.intermediate_size)
-    per_layer = batch * tokens * (K * H * tokens + 12 * D + 3 * K * F + 2 * config.num_local_experts)
-    return itemsize * (config.num_hidden_layers * per_layer + batch * tokens * config.vocab_size)
-
-
-def _check_ids(label, name, value, high, ndim):
-    # value: an integer tensor of `ndim` dimensions, each entry in [0, high) -> value; ValueError naming it otherwise
-    value = np.asarray(value)
-    if value.ndim != ndim or not (np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_):
-        raise ValueError(f"{label}: {name} must be a {ndim}-D integer tensor, got shape {list(value.shape)} "
-                         f"{value.dtype}")
-    if value.size and (int(value.min()) < 0 or int(value.max()) >= high):
-        bad = int(value.min()) if int(value.min()) < 0 else int(value.max())
-        raise ValueError(f"{label}: {name} holds {bad}, outside [0, {high})")
-    return value
-
-
 @contextlib.contextmanager
 def capture():
     """with capture() as trace: model(...)  ->  trace["layers.0.attention.probs"] ..."""
@@ -232,76 +127,6 @@ def capture():
 
     with handling(keep):
         yield trace
-
-
-# safetensors dtype codes (its format: 8-byte little-endian header length, a JSON header, then the raw data)
-_SAFETENSORS_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                       np.dtype(BF16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-                       np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
-                       np.dtype(np.bool_): "BOOL"}
-
-
-class TraceWriter:
-    """A handler that writes each traced tensor to a safetensors file as the forward produces it.
-
-    A safetensors header (names, shapes, offsets) comes before the data and is known only at the end, so tensors
-    go to a spool file beside `path` as they come; close() writes the header and copies the spool after it in
-    4 MiB pieces. Memory holds one tensor at a time, whatever the model's size. The forward order goes into the
-    header's metadata ("order": the names, comma-separated), beside the caller's `metadata`.
-
-        with TraceWriter("trace.safetensors", {"dtype": "float32"}) as writer, handling(writer):
-            model(...)
-    """
-
-    def __init__(self, path, metadata=None):
-        self.path, self.metadata = os.fspath(path), dict(metadata or {})
-        self._spool_path = self.path + ".part"
-        self._spool = open(self._spool_path, "wb")  # OSError here names the unwritable path, before any work
-        self._entries = {}
-        self._offset = 0
-
-    def add(self, name, value):
-        if name in self._entries:
-            raise ValueError(f"trace point {name} was recorded twice")
-        array = np.ascontiguousarray(to_numpy(value))
-        if array.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"trace point {name}: dtype {array.dtype} has no safetensors code")
-        data = array.tobytes()
-        self._spool.write(data)
-        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-                               "data_offsets": [self._offset, self._offset + len(data)]}
-        self._offset += len(data)
-
-    def __call__(self, name, value, frame):
-        self.add(name, value)
-        return value
-
-    def __len__(self):
-        return len(self._entries)
-
-    def close(self):
-        self._spool.close()
-        header = {"__metadata__": {**self.metadata, "order": ",".join(self._entries)}, **self._entries}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-        with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
-            out.write(struct.pack("<Q", len(text)) + text)
-            while piece := spool.read(4 << 20):
-                out.write(piece)
-        os.remove(self._spool_path)
-
-    def discard(self):
-        self._spool.close()
-        os.remove(self._spool_path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *exc):
-        if kind is None:
-            self.close()
-        else:
-            self.discard()
 
 
 @contextlib.contextmanager
@@ -320,7 +145,7 @@ def substitute(replacements, strict=True):
         yield
     if unused and strict:
         raise ValueError(f"substitute: no trace point named {', '.join(sorted(unused))} was recorded "
-                         "(README.md 'Trace names')")
+                         "(docs/semantics.md 'Trace names')")
 
 
 def pdb_at(name, value, frame):
@@ -395,77 +220,3 @@ def steps(model, **inputs):
             with contextlib.suppress(queue.Full):
                 replies.put_nowait(_Abandoned)
             thread.join()
-
-
-# ------------------------------------------------------------------------------------------ comparing traces
-
-@dataclass
-class Divergence:
-    name: str
-    shape: tuple  # or a string saying which trace lacks the name
-    max_abs: float
-    max_rel: float  # max |a-b| / max |b|: normwise, so entries near zero do not blow it up
-    ok: bool
-    worst: tuple = ()  # the index of the largest |a-b| (integer tensors: of the first mismatch)
-
-
-def compare_tensor(name, a, b, rtol, atol):
-    """One row of a comparison; integer tensors (top-k indices) must match exactly. Shapes must agree: a caller
-    comparing traces of different inputs is told so before it gets here (jetmoe/debug.py)."""
-    a, b = to_numpy(a), to_numpy(b)
-    if a.shape != b.shape:
-        return Divergence(name, (a.shape, b.shape), float("inf"), float("inf"), False)
-    if a.size == 0:
-        return Divergence(name, a.shape, 0.0, 0.0, True)
-    if np.issubdtype(a.dtype, np.integer) or np.issubdtype(b.dtype, np.integer) or a.dtype == np.bool_:
-        differ = a != b
-        mismatches = int(np.count_nonzero(differ))
-        worst = tuple(int(i) for i in np.argwhere(differ)[0]) if mismatches else ()
-        return Divergence(name, a.shape, float(mismatches), float(mismatches) / a.size, mismatches == 0, worst)
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    if not finite.all():
-        if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
-            worst = tuple(int(i) for i in np.argwhere(np.isfinite(a64) != np.isfinite(b64))[0])
-            return Divergence(name, a.shape, float("nan"), float("nan"), False, worst)
-    diff = np.where(finite, np.abs(a64 - b64), 0.0)
-    flat = int(np.argmax(diff))
-    max_abs = float(diff.reshape(-1)[flat])
-    scale = float(np.max(np.abs(np.where(finite, b64, 0.0))))
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    worst = tuple(int(i) for i in np.unravel_index(flat, a.shape)) if max_abs > 0 else ()
-    return Divergence(name, a.shape, max_abs, max_rel, max_abs <= atol + rtol * scale, worst)
-
-
-def compare(trace_a, trace_b, rtol=1e-5, atol=0.0):
-    """Compare two traces name by name, in trace_a's order.
-
-    Returns (first_divergence_or_None, rows): rows hold every shared name; names present in only one
-    trace are reported as rows with ok=False so a missing intermediate is never silently skipped.
-    """
-    rows = []
-    for name in trace_a:
-        if name not in trace_b:
-            rows.append(Divergence(name, "missing in trace_b", float("nan"), float("nan"), False))
-            continue
-        rows.append(compare_tensor(name, trace_a[name], trace_b[name], rtol, atol))
-    rows += [Divergence(n, "missing in trace_a", float("nan"), float("nan"), False)
-             for n in trace_b if n not in trace_a]
-    first = next((r for r in rows if not r.ok), None)
-    return first, rows
-
-
-def format_rows(rows, stop_at_first=False):
-    """A plain-text table of compare() rows, the first failing row marked with '>>' and its worst index shown;
-    stop_at_first ends the table there. (`jetmoe debug compare` prints a richer one, with verdicts.)"""
-    lines = [f"   {'name':<52} {'shape':<22} {'max abs':>10} {'max rel':>10}"]
-    marked = False
-    for r in rows:
-        mark = "  "
-        if not r.ok and not marked:
-            mark, marked = ">>", True
-        lines.append(f"{mark} {r.name:<52} {str(r.shape):<22} {r.max_abs:>10.3e} {r.max_rel:>10.3e}"
-                     f"{'' if r.ok else f'  DIVERGES, worst at {r.worst}'}")
-        if marked and stop_at_first:
-            break
-    return "\n".join(lines)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from reference import CheckpointError, JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
-from reference.io.checkpoint import read_safetensors
+from reference.io.safetensors import SafetensorsError, read_safetensors
 
 V, D = 40, 24
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -309,7 +309,7 @@ def test_a_header_entry_of_the_wrong_type_is_refused(tmp_path, entry):
     header = {"x": dict(dict(dtype="F32", shape=[2, 1], data_offsets=[0, 8]), **entry)}
     write_raw_safetensors(tmp_path / "model.safetensors", {"x": ("F32", np.ones((2, 1), np.float32))},
                           json.dumps(header).encode())
-    with pytest.raises(CheckpointError, match="malformed header entry"):
+    with pytest.raises(SafetensorsError, match="malformed header entry"):
         read_safetensors(str(tmp_path / "model.safetensors"))
 
 

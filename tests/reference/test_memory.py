@@ -72,7 +72,8 @@ from jetmoe.cli import PeakMemory, status_bytes
 from jetmoe.debug import Side, forwards_of, isolated_trace
 from reference import JetMoeForCausalLM
 from reference.generation import generate
-from reference.io.trace import TraceWriter, handling, load_with_metadata
+from reference.io.trace import handling
+from reference.io.trace_files import TraceWriter, load_with_metadata
 path, out = sys.argv[1], sys.argv[2]
 model = JetMoeForCausalLM.from_pretrained(path, max_memory=64 << 20)  # mapped, as the full 8B is
 ids = np.random.default_rng(int(sys.argv[3])).integers(0, model.config.vocab_size, size=(1, 12))

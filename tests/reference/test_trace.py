@@ -10,6 +10,7 @@ import pytest
 import reference
 from reference import JetMoeConfig, JetMoeForCausalLM
 from reference.generation import positions_from_mask
+from reference.io.compare import format_rows
 
 from helpers import BASE, MODEL_CONFIGS, make_model, real_tokens
 
@@ -81,3 +82,32 @@ def test_trace_compare_finds_first_divergence(rng):
     assert max_abs > 0 and first.max_abs == max_abs
     assert first.max_rel == pytest.approx(max_abs / float(np.max(np.abs(b))), rel=1e-12)  # one division
     assert not next(r for r in rows if r.name == "logits").ok  # and it propagates to the logits
+    # Verdicts: the first divergence introduces the error, every later row that diverges inherits it; judged as
+    # isolated (each row computed from the other side's inputs) none inherits.
+    assert first.verdict == "introduced"
+    after = rows[[r.name for r in rows].index(first.name) + 1:]
+    assert "inherited" in {r.verdict for r in after} and {r.verdict for r in after if not r.ok} <= {
+        "inherited", "near-tie"}  # a later router may flip at a near-tie of its logits
+    assert all(r.verdict == "ok" for r in rows if r.ok)
+    _, isolated = reference.compare(trace_a, trace_b, isolated=True)
+    assert "inherited" not in {r.verdict for r in isolated} and [r.verdict for r in isolated if not r.ok][0] == \
+        "introduced"
+
+
+def test_compare_names_missing_tensors_and_the_table_stops_at_the_first(rng):
+    config = JetMoeConfig(**{**BASE, **MODEL_CONFIGS["E4_K2_H2"]})
+    model = JetMoeForCausalLM.from_random(config, seed=int(rng.integers(2**32)), dtype=np.float64)
+    with reference.capture() as trace_a:
+        model(input_ids=real_tokens(rng, config, (1, 4)))
+    trace_b = reference.Trace(trace_a)
+    gone = str(rng.choice(list(trace_a)))
+    del trace_b[gone]
+    trace_b["extra"] = np.zeros(3)
+    first, rows = reference.compare(trace_a, trace_b)
+    assert first.name == gone and first.verdict == "missing" and first.shape == "missing in trace_b"
+    assert rows[-1].name == "extra" and rows[-1].verdict == "missing" and rows[-1].shape == "missing in trace_a"
+    assert [r.name for r in rows if not r.ok] == [gone, "extra"]
+    table = format_rows(rows, stop_at_first=True).splitlines()
+    assert table[-1].startswith(f">> {gone} ") and "missing" in table[-1]
+    assert len(table) == 1 + [r.name for r in rows].index(gone) + 1  # the header, the rows up to the first
+    assert len(format_rows(rows).splitlines()) == 1 + len(rows)

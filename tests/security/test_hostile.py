@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from reference import JetMoeConfig, JetMoeForCausalLM
-from reference.io.trace import load_with_metadata
+from reference.io.trace_files import load_with_metadata
 
 from paths import ROOT, TINY_MODEL
 
@@ -150,7 +150,7 @@ def two_shards(model):
 
 def edit_trace(root, out, change, metadata_change=None):
     """A copy of the valid trace with its tensors changed by change(dict) (and its metadata by metadata_change)."""
-    from reference.io.trace import Trace
+    from reference.io.trace_files import Trace
     trace, metadata = load_with_metadata(str(root / "trace.safetensors"))
     tensors = {n: np.array(v) for n, v in trace.items()}
     change(tensors)
@@ -295,7 +295,7 @@ def huge_trace(model, root):
     """A trace of 20,000 tokens: past max_position_embeddings (64); refused before any allocation."""
     ids = np.zeros((1, 20_000), np.int64)
     path = root / f"trace-{model.name}.safetensors"
-    from reference.io.trace import Trace
+    from reference.io.trace_files import Trace
     Trace({"inputs.input_ids": ids, "inputs.attention_mask": np.ones_like(ids)}).save(str(path))
     return compare(model, path)
 
@@ -519,7 +519,7 @@ def test_hostile_input(case, results):
 def test_a_trace_whose_activations_would_not_fit_is_refused(base):
     # The memory bound of check_trace_file, in-process with a small `available` (a subprocess would need a trace
     # larger than this machine's memory): the valid trace (some 40 KB of activations) fits the real memory, not 1 KiB.
-    from reference.io.trace import check_trace_file
+    from reference.io.trace_files import check_trace_file
     trace, metadata = load_with_metadata(str(base / "trace.safetensors"))
     config = JetMoeConfig.from_pretrained(str(base / "base"))
     check_trace_file(trace, metadata, config, "trace", 4)  # control

@@ -21,7 +21,8 @@ from reference import JetMoeForCausalLM
 from reference.generation import positions_from_mask
 from reference.io import trace
 from reference.io.tokenizer import Tokenizer
-from reference.io.trace import Trace, load_with_metadata
+from reference.io.compare import compare, format_rows
+from reference.io.trace_files import TraceWriter, load_with_metadata
 
 from paths import ROOT, TINY_MODEL as MODEL
 from ports import (PROMPTS, block_norm_eps_bug, decode_cache_position_bug, final_norm_eps_bug, gate_bug,
@@ -160,7 +161,7 @@ def test_trace_writer_writes_as_the_forward_goes(tiny, tmp_path):
 
     with reference.capture() as captured:
         tiny(**inputs(tiny))
-    with trace.TraceWriter(path, {"dtype": "float64"}) as writer, trace.handling(writer), \
+    with TraceWriter(path, {"dtype": "float64"}) as writer, trace.handling(writer), \
             trace.breakpoint("norm", at_norm):
         tiny(**inputs(tiny))
     before_norm = list(captured)[:list(captured).index("norm")]
@@ -229,6 +230,21 @@ def test_repeat_interleave_bug_and_the_table(tmp_path, capsys):
     assert "inherited" in out.split("layers.0.attention.context", 1)[1].splitlines()[0]  # ... unless --all
 
 
+def test_the_table_is_the_librarys(tmp_path, capsys):
+    # `jetmoe debug compare` prints reference.io.compare's rows and table: the same lines the library gives for
+    # the port's file against the reference run on the file's inputs
+    port = port_trace(tmp_path / "port.safetensors", MODEL, repeat_interleave_bug())
+    status, out = debug(capsys, "compare", MODEL, port, "--all")
+    printed = out.split("\n\n")[0].splitlines()[1:]  # the table: after the title line, up to the summary
+    saved = load_with_metadata(str(port))[0]
+    inputs = tuple(saved[f"inputs.{name}"] for name in ("input_ids", "attention_mask", "position_ids"))
+    with trace.capture() as ours:
+        run_forwards(JetMoeForCausalLM.from_pretrained(MODEL), Forwards([inputs], "file"))
+    first, rows = compare(saved, ours, 1e-4, 0.0, [n for n in ours if n in saved])
+    assert status == 1 and first.name == "layers.0.attention.probs"
+    assert printed == format_rows(rows).splitlines()
+
+
 def test_block_norm_eps_bug_in_float64(tmp_path, capsys):
     """A port that gives the block norms config.rms_norm_eps (HF hard-codes 1e-6 there), on a copy of the model
     with rms_norm_eps=1e-5 (jetmoe-8b's value). The change is ~5e-6 relative: found in float64 (rtol 1e-9)."""
@@ -273,7 +289,7 @@ def test_positions_come_from_the_file(tmp_path, capsys):
     assert (mask == 0).any()  # the batch is left-padded
     arange = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
     model = JetMoeForCausalLM.from_pretrained(MODEL, dtype=np.float32)
-    with trace.TraceWriter(tmp_path / "arange.safetensors") as writer, trace.handling(writer):
+    with TraceWriter(tmp_path / "arange.safetensors") as writer, trace.handling(writer):
         run_forwards(model, Forwards([(ids, mask, arange)], "a port"))
     status, out = debug(capsys, "compare", MODEL, tmp_path / "arange.safetensors")
     assert status == 0 and "no divergence" in out
@@ -302,7 +318,7 @@ def test_rtol_and_near_ties(tmp_path, capsys):
     def noisy(name, value, frame):
         return value + noise.astype(value.dtype) if name == "layers.0.mlp.router.logits" else value
 
-    with trace.TraceWriter(tmp_path / "noisy.safetensors") as writer, trace.handling(writer), \
+    with TraceWriter(tmp_path / "noisy.safetensors") as writer, trace.handling(writer), \
             trace.handling(noisy):
         run_forwards(model, Forwards([(ids, mask, positions_from_mask(mask))], "a port"))
     status, rows = rows_of(capsys, MODEL, tmp_path / "noisy.safetensors", "--isolate", "--only", "layers.0.mlp.*")

@@ -14,7 +14,8 @@ from jetmoe.debug_backward import backward_order, labels_of
 from reference import JetMoeForCausalLM, value_and_grad
 from reference.generation import positions_from_mask
 from reference.io.tokenizer import Tokenizer
-from reference.io.trace import capture, load_with_metadata, substitute
+from reference.io.trace import capture, substitute
+from reference.io.trace_files import load_with_metadata
 
 from paths import TINY_MODEL as MODEL
 from ports import PROMPTS, patched

@@ -56,7 +56,7 @@ def test_float32_trace_matches_reference(name):
         twin(input_ids=cp.asarray(ids))  # CuPy inputs are accepted too
     assert list(trace_gpu) == list(trace_ref), "the GPU twin must emit the reference's trace names, in order"
     first, rows = reference.compare(trace_gpu, trace_ref, rtol=FLOAT32_RTOL)
-    assert first is None, "\n" + reference.io.trace.format_rows(rows)
+    assert first is None, "\n" + reference.io.compare.format_rows(rows)
 
 
 @pytest.mark.parametrize("name", NAMES)
