@@ -131,6 +131,14 @@ class _Pretrained:
         base = {n: t for n, t in base.items() if n not in head}
         return cls(model.config, base, head, dtype=dtype)
 
+    # The reference's savers would meet device arrays (bf16 ones as raw bits): refused with a way out instead.
+    def save_pretrained(self, path):
+        raise TypeError("the GPU twin does not write checkpoints: save the reference model it was made from")
+
+    def load_state_dict(self, state):
+        raise TypeError("the GPU twin does not load state dicts: load them into a reference model, then "
+                        "gpu.<class>.from_reference(model, dtype=...)")
+
 
 class JetMoeModel(_Pretrained, hf_classes.JetMoeModel):
     cache_type = KVCache

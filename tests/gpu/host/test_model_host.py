@@ -8,7 +8,7 @@ Instances are made with __new__ (no __init__: that allocates device buffers); is
 import pytest
 
 from gpu.cache import KVCache, StaticKVCache
-from gpu.model import JetMoeModel, check_forward_cache
+from gpu.model import JetMoeForCausalLM, JetMoeModel, check_forward_cache
 
 
 def unallocated(cache_class):
@@ -31,3 +31,12 @@ def test_model_call_refuses_static_cache_before_device_work():
     model = JetMoeModel.__new__(JetMoeModel)
     with pytest.raises(TypeError, match="StaticKVCache"):
         model(input_ids=[[1, 2]], past_key_values=unallocated(StaticKVCache))
+
+
+@pytest.mark.parametrize("method,arg", [("save_pretrained", "checkpoint"), ("load_state_dict", {})])
+def test_reference_savers_are_refused_with_a_way_out(method, arg):
+    # inherited from reference.io.checkpoint.Pretrained through the reference classes, they would meet device
+    # arrays (in bf16 mode raw uint16 bits); refused before reading the model
+    model = JetMoeForCausalLM.__new__(JetMoeForCausalLM)
+    with pytest.raises(TypeError, match="the GPU twin does not .* reference"):
+        getattr(model, method)(arg)
