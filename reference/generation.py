@@ -15,8 +15,8 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 
 import numpy as np
 
+from .inputs import to_numpy
 from .io import trace
-from .io.trace import to_numpy
 from .precision import compute_dtype
 from .routing import softmax
 

@@ -1,5 +1,5 @@
 // Masked multi-head attention of the MoA layer, and the KV-cache writes: the twin of reference/attention.py's
-// attention_probs + attend (with reference/model.py's additive_mask) and reference/cache.py's update.
+// attention_probs + attend (with reference/attention.py's additive_mask) and reference/cache.py's update.
 //
 // Shapes: reference/__init__.py (T here counts query tokens; Dh <= 128). KH = K*H query heads; query head qh = k*H + j reads kv head j = qh % H (HF's repeat, NOT
 // repeat_interleave). All sizes, strides and offsets are 64-bit element counts.
