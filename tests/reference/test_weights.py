@@ -65,8 +65,11 @@ def test_budget_decides_where_weights_live(checkpoint):
 
 
 # A mapped matrix's decode product runs block by block on our threads, a converted one is one x @ w.T on BLAS's:
-# the same sums in another order. float32 accumulation over 2048 terms: normwise within a few hundred ulps.
-MAPPED_RTOL = 1e-5
+# the same sums in another order, a few ulps apart per product. Through the model the softmax of this random
+# model's attention scores (std-0.3 weights) amplifies them: over 40 seeds the worst traced tensor was 1.2e-5 of
+# its largest value, the median 3.4e-6. 1e-4 leaves 8x room over that worst case; a wrong block, row or expert
+# is off by O(1).
+MAPPED_RTOL = 1e-4
 
 
 def test_mapped_matches_converted(checkpoint, small_blocks, rng):
@@ -98,7 +101,8 @@ def test_mapped_matches_converted_where_blas_threads(rng):
     for rows in [1, 2, 5, mapped_module.DECODE_ROWS, mapped_module.DECODE_ROWS + 1]:
         x = rng.standard_normal((rows, 2048), dtype=np.float32)
         got, want = linear(x, mapped), linear(x, converted)
-        assert np.max(np.abs(got - want)) <= MAPPED_RTOL * np.max(np.abs(want)), f"{rows} rows"
+        # one product: 2048 float32 terms summed in another order, normwise within a few hundred ulps
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), f"{rows} rows"
 
 
 def test_decode_converts_only_the_routed_experts(tmp_path, rng, monkeypatch):
