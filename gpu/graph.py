@@ -36,9 +36,9 @@ to the host.
 
 import numpy as np
 
-from reference.io import trace
 from reference.generation import cached_forward
 from reference.inputs import check_inputs, int_array
+from reference.io import trace
 
 from .cache import StaticKVCache
 from .device import require_cupy

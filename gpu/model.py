@@ -1,4 +1,5 @@
-"""The JetMoE forward on the GPU; the twin of reference/model.py (same classes, keywords, outputs, trace names).
+"""The JetMoE forward on the GPU; the twin of reference/model.py, in classes derived from reference/hf_classes.py's
+(same keywords, outputs, trace names).
 
 Shapes: reference/__init__.py.
 

@@ -46,7 +46,8 @@ from reference.io import files
 from reference.io import trace as tracing
 from reference.io.compare import compare, format_rows
 from reference.io.trace import capture, handling, like, substitute
-from reference.io.trace_files import Trace, TraceWriter, check_trace_file, load_with_metadata, step_prefix
+from reference.io.trace_files import (TRACE_FLOATS, Trace, TraceWriter, check_trace_file, load_with_metadata,
+                                      step_prefix)
 from reference.losses import AUX_LOSSES
 
 from . import cli, finite
@@ -60,7 +61,6 @@ INPUTS = ("input_ids", "attention_mask", "position_ids")
 # bf16 keeps 8 mantissa bits (relative step 2^-8 = 3.9e-3) and HF rounds every op's output to it; against HF
 # bf16 on the bundled model with --isolate, every op's own error stays below 2e-2 (tests/oracle/test_bundled_oracle.py).
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2}
-PRECISION = ["bfloat16", "float32", "float64"]  # least precise first
 FORMAT = "jetmoe-trace-1"
 DUMP_NAME = "trace.safetensors"  # the file `dump --out DIR` writes inside an existing directory
 
@@ -107,7 +107,7 @@ def parse_side(spec, ref_dtype):
     kind, _, dtype = spec.partition(":")
     if kind in LIVE:
         dtype = dtype or ref_dtype
-        allowed = {"ref": ("float32", "float64"), "hf": PRECISION, "gpu": ("bfloat16", "float32")}[kind]
+        allowed = {"ref": ("float32", "float64"), "hf": TRACE_FLOATS, "gpu": ("bfloat16", "float32")}[kind]
         if dtype not in allowed:
             raise ValueError(f"{spec!r}: the dtype must be one of {', '.join(allowed)}")
         return Side(spec, kind, dtype)
@@ -123,7 +123,7 @@ def parse_side(spec, ref_dtype):
 def file_dtype(saved):
     """A port's file without a `dtype` in its metadata: the dtype of its floating-point tensors."""
     floats = {str(v.dtype) for v in saved.values() if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"}
-    return min(floats, key=PRECISION.index) if floats <= set(PRECISION) and floats else "float32"
+    return min(floats, key=TRACE_FLOATS.index) if floats <= set(TRACE_FLOATS) and floats else "float32"
 
 
 def forwards_of(side, notes):
@@ -351,7 +351,7 @@ def roles(a, b):
 
 def tolerance(args, a, b):
     """--rtol, or the default of the less precise side's dtype."""
-    dtype = min((a.dtype, b.dtype), key=PRECISION.index)
+    dtype = min((a.dtype, b.dtype), key=TRACE_FLOATS.index)
     return DEFAULT_RTOL[dtype] if args.rtol is None else args.rtol
 
 

@@ -8,10 +8,10 @@ the logits of generate, the loss of evaluate and the reference's own trace in de
 
 import numpy as np
 
-from reference.io.checkpoint import first_non_finite
 from reference.generation import cached_forward, positions_from_mask
-from reference.losses import windows
+from reference.io.checkpoint import first_non_finite
 from reference.io.trace import handling
+from reference.losses import windows
 
 
 class NonFinite(ValueError):

@@ -1,4 +1,4 @@
-"""Hugging Face's JetMoe forward, recorded under the reference's trace names (README.md "Trace names").
+"""Hugging Face's JetMoe forward, recorded under the reference's trace names (docs/semantics.md "Trace names").
 
 Used by `jetmoe debug compare MODEL hf`, the oracle tests and notebook 07; needs the oracle extra (CPU torch,
 transformers 4.56.2 or the pinned newest 5.x). Forward hooks on HF's modules catch what each module returns; where HF

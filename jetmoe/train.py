@@ -41,11 +41,11 @@ from tqdm import tqdm
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, cosine_lr, value_and_grad
 from reference.io import files
 from reference.io.checkpoint import write_checkpoint
-from reference.losses import AUX_LOSSES, causal_lm_loss
-from reference.routing import expert_load
-from reference.io.tokenizer import Tokenizer
 from reference.io.mapped import THREADS
 from reference.io.safetensors import SafetensorsError, read_safetensors, write_safetensors
+from reference.io.tokenizer import Tokenizer
+from reference.losses import AUX_LOSSES, causal_lm_loss
+from reference.routing import expert_load
 
 from . import cli, corpus
 

@@ -90,6 +90,8 @@ class JetMoeModel(Pretrained):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
                  output_router_logits=None, cache_position=None, saved=None):
+        # input_ids: [B, T] (or inputs_embeds [B, T, D]), attention_mask: [B, S], position_ids: [B|1, T],
+        # cache_position: [T] -> MoeModelOutputWithPast (last_hidden_state [B, T, D])
         # saved: None, or a dict that receives what model.backward needs (reference/training.py)
         input_ids, inputs_embeds, attention_mask, position_ids, cache_position = self.checked_inputs(
             input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past_key_values)
@@ -145,7 +147,8 @@ class JetMoeForCausalLM(Pretrained):
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                  output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0,
                  aux_loss="hf", saved=None):
-        # aux_loss: which load-balancing loss joins .loss (reference/losses.py: "hf", "per_router", "jetmoe")
+        # input_ids: [B, T], labels: [B, T], the rest as JetMoeModel's -> MoeCausalLMOutputWithPast (logits
+        # [B, T_kept, V]); aux_loss: which load-balancing loss joins .loss (reference/losses.py: "hf", "per_router", "jetmoe")
         # saved: None, or a dict that receives what model.backward needs (reference/training.py)
         config = self.config
         check_aux_loss(aux_loss)
@@ -189,6 +192,8 @@ class JetMoeForSequenceClassification(Pretrained):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
                  output_hidden_states=False, cache_position=None):
+        # input_ids: [B, T], labels: [B] (or [B, C] multi-label), the rest as JetMoeModel's
+        # -> SequenceClassifierOutputWithPast (logits [B, C], pooled at each row's last non-pad token)
         config, xp = self.config, self.model.xp
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,

@@ -28,6 +28,26 @@ from .norm import BLOCK_NORM_EPS, rms_norm, rms_norm_backward
 from .rope import cos_sin
 
 
+# The parameters of a block, named as the forward uses them; reference/names.py's table says which HF tensor
+# each field holds.
+
+@dataclass
+class ExpertWeights:
+    router: np.ndarray  # [E, D]
+    input_linear: np.ndarray  # MoA [E, H*Dh, D] / MoE [E, 2F, D]
+    output_linear: np.ndarray  # MoA [E, D, H*Dh] / MoE [E, D, F]
+    bias: np.ndarray  # [D]
+    kv_proj: np.ndarray | None = None  # MoA only: [2*H*Dh, D]
+
+
+@dataclass
+class BlockWeights:
+    input_layernorm: np.ndarray  # [D]
+    attention: ExpertWeights
+    post_attention_layernorm: np.ndarray  # [D]
+    mlp: ExpertWeights
+
+
 def block(h, w, cos, sin, mask, cache, layer_idx, config, saved=None):
     # h: [B, T, D], w: BlockWeights, cos/sin: [B|1, T, Dh], mask: [B|1, 1, T, S]
     # -> h [B, T, D], attention probs [B, K*H, T, S], router logits (attention [N, E], mlp [N, E])
@@ -118,26 +138,6 @@ def backward(d_logits, d_router_logits, saved, layers, norm, lm_head, config):
         d_h = trace.record("embed_tokens", d_h)
     d_embed = embedding_backward(d_h, saved["input_ids"], config.vocab_size, config.pad_token_id)
     return d_embed, d_layers, d_norm, d_lm_head
-
-
-# The parameters of a block, named as the forward uses them; reference/names.py's table says which HF tensor
-# each field holds.
-
-@dataclass
-class ExpertWeights:
-    router: np.ndarray  # [E, D]
-    input_linear: np.ndarray  # MoA [E, H*Dh, D] / MoE [E, 2F, D]
-    output_linear: np.ndarray  # MoA [E, D, H*Dh] / MoE [E, D, F]
-    bias: np.ndarray  # [D]
-    kv_proj: np.ndarray | None = None  # MoA only: [2*H*Dh, D]
-
-
-@dataclass
-class BlockWeights:
-    input_layernorm: np.ndarray  # [D]
-    attention: ExpertWeights
-    post_attention_layernorm: np.ndarray  # [D]
-    mlp: ExpertWeights
 
 
 def block_leaves(b):

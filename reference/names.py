@@ -10,6 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
+# Prefixes a base-model tensor may carry: "model." in HF's CausalLM and SequenceClassification checkpoints,
+# "transformer." being JetMoePreTrainedModel.base_model_prefix.
+BASE_PREFIXES = ("model.", "transformer.")
+_PREFIX = "(?:" + "|".join(re.escape(p) for p in BASE_PREFIXES) + ")?"
+
 # The legend's symbols -> the config field each stands for (C: the classifier head's labels).
 SYMBOLS = {"D": "hidden_size", "E": "num_local_experts", "H": "num_key_value_heads", "Dh": "kv_channels",
            "F": "intermediate_size", "V": "vocab_size", "C": "num_labels"}
@@ -61,10 +66,9 @@ HEAD_TENSORS = {"base": (), "causal_lm": (Tensor("lm_head.weight", ("lm_head",),
 
 
 def tensor_of(name):
-    """The table's row of an HF tensor name, or a ValueError. The name may carry a base prefix: "model." in HF's
-    head checkpoints, "transformer." being JetMoePreTrainedModel.base_model_prefix."""
-    in_block = re.fullmatch(r"(?:model\.|transformer\.)?layers\.\d+\.(.+)", name)
-    suffix = in_block[1] if in_block else re.fullmatch(r"(?:model\.|transformer\.)?(.+)", name)[1]
+    """The table's row of an HF tensor name, or a ValueError. The name may carry one of BASE_PREFIXES."""
+    in_block = re.fullmatch(_PREFIX + r"layers\.\d+\.(.+)", name)
+    suffix = in_block[1] if in_block else re.fullmatch(_PREFIX + "(.+)", name)[1]
     rows = BLOCK_TENSORS if in_block else (*BASE_TENSORS, *(t for head in HEAD_TENSORS.values() for t in head))
     for t in rows:
         if t.suffix == suffix:

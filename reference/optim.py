@@ -14,8 +14,6 @@ import math
 
 import numpy as np
 
-from .io.mapped import MappedWeight
-
 
 def owned_parameters(model):
     # -> {state_dict name: array}, with every tensor the model cannot update in place (a memory-mapped view of a

@@ -19,6 +19,7 @@ from .model import backward, block_leaves, block_names
 
 
 def value_and_grad(model, input_ids, labels, attention_mask=None, output_router_logits=False, aux_loss="hf"):
+    # input_ids: [B, T], labels: [B, T], attention_mask: [B, T] or None -> (MoeCausalLMOutputWithPast, {name: grad})
     """(out, grads) of a JetMoeForCausalLM: out is the forward's output, as model(input_ids=..., labels=...,
     attention_mask=..., use_cache=False, output_router_logits=..., aux_loss=...) returns it (out.loss adds
     aux_loss_coef * the aux loss when output_router_logits); grads maps every name of model.state_dict() to

@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu.device import require_cupy  # noqa: E402
 from gpu.graph import GraphDecoder  # noqa: E402
 from gpu.model import FLOAT32_ALWAYS, JetMoeForCausalLM  # noqa: E402
-from reference.io.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 from reference.config import JetMoeConfig  # noqa: E402
 from reference.counting import active_parameters  # noqa: E402
 from reference.generation import positions_from_mask  # noqa: E402
+from reference.io.checkpoint import base_parameter_shapes, is_norm_weight  # noqa: E402
 
 EIGHT_B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_local_experts=8, num_experts_per_tok=2,
                num_key_value_heads=16, kv_channels=128, intermediate_size=5632, max_position_embeddings=4096,

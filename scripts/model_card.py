@@ -28,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from jetmoe import plots  # noqa: E402
 from reference import JetMoeForCausalLM  # noqa: E402
+from reference.io.tokenizer import Tokenizer  # noqa: E402
 from reference.losses import mean_loss, windows  # noqa: E402
 from reference.routing import expert_load  # noqa: E402
-from reference.io.tokenizer import Tokenizer  # noqa: E402
 
 MODEL_DIR = os.path.join(ROOT, "weights", "jetmoe-tiny-shakespeare")
 CORPUS_DIR = os.path.join(ROOT, "build", "corpus")

@@ -35,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from jetmoe import corpus  # noqa: E402
 from jetmoe.train import read_config  # noqa: E402
-from reference.optim import cosine_lr  # noqa: E402
 from reference.io.tokenizer import Tokenizer  # noqa: E402
+from reference.optim import cosine_lr  # noqa: E402
 
 CONFIG_PATH = os.path.join(ROOT, "configs", "jetmoe-tiny-shakespeare.json")
 CONFIG = json.load(open(CONFIG_PATH))

@@ -2,9 +2,9 @@
 
 import numpy as np
 
+from reference.io.mapped import BF16
 import reference.routing
 from reference.routing import softmax
-from reference.io.mapped import BF16
 
 SYMPTOM = ("A float32 port whose outputs drift from the reference by about 1e-3 relative, more than float32 "
            "round-off, in every layer; the expert choices all agree.")

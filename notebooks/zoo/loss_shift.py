@@ -3,8 +3,8 @@
 import numpy as np
 
 import reference.hf_classes
-import reference.training
 from reference.losses import IGNORE_INDEX
+import reference.training
 
 SYMPTOM = ("Fine-tuning with the port, the loss falls more slowly than with the reference and the model learns "
            "to predict the token after next; generation (no labels) is right.")

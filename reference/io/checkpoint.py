@@ -19,14 +19,11 @@ from .mapped import MEMORY_FRACTION, MappedWeight, available_memory, convert
 from .safetensors import SafetensorsError, read_safetensors, write_safetensors
 
 SUPPORTED_MODEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# Prefixes a base-model tensor may carry: "model." in HF's CausalLM and SequenceClassification checkpoints,
-# "transformer." being JetMoePreTrainedModel.base_model_prefix.
-BASE_PREFIXES = ("model.", "transformer.")
 HEAD_TENSORS = {head: tuple(t.name() for t in rows) for head, rows in names.HEAD_TENSORS.items()}  # head -> names
 
 
 class Pretrained:
-    """from_pretrained / from_random / save_pretrained, shared by the three model classes of reference/model.py.
+    """from_pretrained / from_random / save_pretrained, shared by the three model classes of reference/hf_classes.py.
     A subclass names its head ("base", "causal_lm", "sequence_classification") and takes
     (config, base tensors, head tensors)."""
 
@@ -145,10 +142,10 @@ def _read_checkpoint_tensors(path):
 
 
 def _strip_base_prefix(tensors):
-    """Map base-model tensors to prefix-free names, whichever of BASE_PREFIXES the checkpoint used."""
+    """Map base-model tensors to prefix-free names, whichever of names.BASE_PREFIXES the checkpoint used."""
     out = {}
     for name, value in tensors.items():
-        for prefix in BASE_PREFIXES:
+        for prefix in names.BASE_PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 break

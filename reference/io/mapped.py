@@ -24,15 +24,14 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import ml_dtypes
 import numpy as np
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
+from .safetensors import BF16
 # Of the memory available at load, the share the converted weights may take before they stay in the file.
 MEMORY_FRACTION = 0.5
-# A decode step's block of weight rows: small enough to stay in cache from its conversion to its product (on a
-# 1-layer 8B cut here, 4 MiB blocks decoded 13-14 tokens/s, 1 MiB 11, 16 MiB 6), and a multiple of BLOCK_ROWS rows
-# (OpenBLAS gives other bits for some other block heights).
+# A decode step's block of weight rows: small enough to stay in cache from its conversion to its product (4 MiB
+# decoded fastest of 1, 4 and 16: docs/benchmarks.md), and a multiple of BLOCK_ROWS rows (OpenBLAS gives other
+# bits for some other block heights).
 DECODE_BLOCK_BYTES = 4 << 20
 BLOCK_ROWS = 64
 DECODE_ROWS = 16  # x with at most this many rows is multiplied block by block
@@ -59,7 +58,7 @@ def _openblas():
 
 _blas = _openblas()
 # Blocks run on our threads only where each can call BLAS single-threaded: else OpenBLAS's own threads and ours
-# fight over the cores (on 2 cores a 3-token prefill of a 1-layer 8B cut took 16x longer: docs/benchmarks.md).
+# fight over the cores, many times slower on 2 cores (docs/benchmarks.md).
 _pool = ThreadPoolExecutor(THREADS - 1) if THREADS > 1 and _blas is not None else None
 # A second pool for map_threads, so a shard's own block products (on _pool) never wait on the shards themselves.
 _shard_pool = ThreadPoolExecutor(THREADS) if _pool is not None else None
@@ -201,7 +200,7 @@ def mapped_linear(x, weight):
         w = rows_of(weight, start, end)  # [end - start, in]
         if len(x2d) == 1:
             np.matmul(x2d, w.T, out=out2d[:, start:end])
-        else:  # out^T = W x^T: for 2-16 rows OpenBLAS runs it 2-4x faster than x W^T (docs/benchmarks.md).
+        else:  # out^T = W x^T: for 2-16 rows OpenBLAS runs it faster than x W^T (docs/benchmarks.md).
             # Not out= a transposed view: that is NumPy's own loop, not BLAS.
             out2d[:, start:end] = (w @ x2d.T).T
 

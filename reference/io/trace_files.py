@@ -16,8 +16,8 @@ import numpy as np
 
 from .files import shown
 from ..inputs import to_numpy
-from .mapped import BF16, available_memory
-from .safetensors import Writer, code_of, read_safetensors
+from .mapped import available_memory
+from .safetensors import BF16, Writer, code_of, read_safetensors
 
 
 def step_prefix(step):
@@ -114,7 +114,7 @@ class TraceWriter:
             self.discard()
 
 
-TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compared in
+TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compared in, least precise first
 MAX_POSITION = 2**31 - 1
 
 

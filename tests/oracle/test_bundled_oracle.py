@@ -19,9 +19,9 @@ from transformers.generation.logits_process import (  # noqa: E402
 from jetmoe import hf_oracle  # noqa: E402
 
 from reference import JetMoeForCausalLM  # noqa: E402
-from reference.losses import mean_loss, windows  # noqa: E402
 from reference.generation import sampling_probabilities  # noqa: E402
 from reference.io.tokenizer import Tokenizer  # noqa: E402
+from reference.losses import mean_loss, windows  # noqa: E402
 
 from paths import TINY_MODEL as MODEL  # noqa: E402
 

@@ -28,8 +28,8 @@ from jetmoe import hf_oracle  # noqa: E402
 from parity import FLOAT32_RTOL, FLOAT64_RTOL, assert_matches, run_all  # noqa: E402
 
 from reference import JetMoeForCausalLM, JetMoeForSequenceClassification  # noqa: E402
-from reference.inputs import pooling_positions  # noqa: E402
 from reference.generation import positions_from_mask  # noqa: E402
+from reference.inputs import pooling_positions  # noqa: E402
 from reference.io.compare import compare_tensor  # noqa: E402
 
 pytestmark = pytest.mark.oracle

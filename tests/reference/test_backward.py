@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from helpers import MODEL_CONFIGS, assert_close, make_model, real_tokens
 
-import reference.training as training
 from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, JetMoeModel, clip_grad_norm, cosine_lr, value_and_grad
 from reference.attention import (additive_mask, attend, attend_backward, attention_probs, attention_probs_backward,
                                  moa, moa_backward)
@@ -32,6 +31,7 @@ from reference.norm import rms_norm, rms_norm_backward
 from reference.rope import apply_rope, apply_rope_backward, cos_sin
 from reference.routing import (plan_from_logits, softmax, softmax_backward, top_k_gates_backward, top_k_gates_of,
                                top_k_gating, top_k_gating_backward)
+import reference.training as training
 
 EPS = 1e-6
 FD_RTOL = 1e-7  # see the module docstring

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from reference import JetMoeConfig, JetMoeForCausalLM
-from reference.io.checkpoint import base_parameter_shapes, read_checkpoint_tensors
 from reference.counting import (PARTS, active_parameters, capacity_drops, count_parameters, counted_flops,
                                 decode_bytes_read, expert_capacity, forward_flops, kv_cache_bytes, parameter_shapes,
                                 part_of, touched_parameters, watch)
+from reference.io.checkpoint import base_parameter_shapes, read_checkpoint_tensors
 
 # jetmoe-8b's config.json (huggingface.co/jetmoe/jetmoe-8b); JetMoeConfig's defaults are the same but for the layers
 JETMOE_8B = JetMoeConfig(hidden_size=2048, num_hidden_layers=24, num_local_experts=8, num_experts_per_tok=2,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from reference import JetMoeForCausalLM
-from reference.losses import mean_loss
 from reference.io.tokenizer import Tokenizer
+from reference.losses import mean_loss
 
 from paths import ROOT, TINY_MODEL as MODEL
 

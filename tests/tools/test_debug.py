@@ -20,8 +20,8 @@ from jetmoe.debug import Forwards, run_forwards
 from reference import JetMoeForCausalLM
 from reference.generation import positions_from_mask
 from reference.io import trace
-from reference.io.tokenizer import Tokenizer
 from reference.io.compare import compare, format_rows
+from reference.io.tokenizer import Tokenizer
 from reference.io.trace_files import TraceWriter, load_with_metadata
 
 from paths import ROOT, TINY_MODEL as MODEL

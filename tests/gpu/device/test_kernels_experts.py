@@ -37,13 +37,14 @@ import pytest
 
 from gpu import experts
 from gpu.routing import RoutingPlan
-from reference.io import trace
 from reference.attention import moa_map as ref_moa_map
 from reference.attention import moa_reduce as ref_moa_reduce
 from reference.experts import combine as ref_combine
 from reference.experts import grouped_linear, swiglu
 from reference.experts import moe as ref_moe
 from reference.experts import ungroup as ref_ungroup
+from reference.inputs import to_numpy
+from reference.io import trace
 from reference.model import ExpertWeights
 from reference.routing import RoutingPlan as RefPlan
 
@@ -377,7 +378,7 @@ def test_moe_matches_reference(rng, name, batch, tokens, hidden, inter, num_expe
     assert_close(y.get(), want_y, rtol, f"moe {name} {used}-{kind}")
     assert list(got_trace) == list(want_trace), "trace names or order differ from reference/experts.py"
     for key in want_trace:
-        got, want = trace.to_numpy(got_trace[key]), want_trace[key]
+        got, want = to_numpy(got_trace[key]), want_trace[key]
         if key.endswith("top_k_indices"):
             assert np.array_equal(got, want), "router chose different experts"
         else:
