@@ -44,7 +44,7 @@ from reference.generation import generate, positions_from_mask
 from reference.inputs import to_numpy
 from reference.io import files
 from reference.io import trace as tracing
-from reference.io.compare import compare, format_rows
+from reference.io.compare import compare, first_divergence, format_rows
 from reference.io.trace import capture, handling, like, substitute
 from reference.io.trace_files import (TRACE_FLOATS, Trace, TraceWriter, check_trace_file, load_with_metadata,
                                       step_prefix)
@@ -421,7 +421,7 @@ def report(args, a, b, rows, forwards, notes, rtol, title, what):
     for path in (args.plot, args.html):
         if path:
             print(f"wrote {path}")
-    first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
+    first = first_divergence(rows)
     if first is None:
         print(f"no divergence: all {len(rows)} shared {what}s agree")
         return 0

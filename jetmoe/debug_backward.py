@@ -27,7 +27,7 @@ import re
 import numpy as np
 
 from reference.io import trace as tracing
-from reference.io.compare import compare
+from reference.io.compare import compare, first_divergence
 from reference.io.trace import capture, handling, like
 from reference.io.trace_files import Trace, TraceWriter
 from reference.losses import IGNORE_INDEX
@@ -209,7 +209,7 @@ def run_compare_backward(args):
     if not args.isolate:
         forward = compare(a.trace, b.trace, rtol, args.atol, [n for n in shared if not n.startswith(GRAD) and
                                                              n != "loss"])[1]
-        first = next((r.name for r in forward if r.verdict not in ("ok", "input")), None)
+        first = getattr(first_divergence(forward), "name", None)
         if first:
             notes.append(f"the forwards already differ at {first}: every gradient inherits it (compare without "
                          "--backward, or use --isolate)")

@@ -15,8 +15,10 @@ from importlib import metadata
 
 import numpy as np
 
-VERDICTS = ("ok", "introduced", "inherited", "near-tie", "input")
-COLORS = {"ok": "#2e7d32", "introduced": "#c62828", "inherited": "#9e9e9e", "near-tie": "#ef6c00", "input": "#1565c0"}
+from reference.io.compare import VERDICTS, first_divergence
+
+COLORS = {"ok": "#2e7d32", "introduced": "#c62828", "inherited": "#9e9e9e", "near-tie": "#ef6c00", "input": "#1565c0",
+          "missing": "#6a1b9a"}
 PLOT_W, PLOT_H, MARGIN = 960, 320, 56
 
 STYLE = """
@@ -58,7 +60,7 @@ def number(x):
 def summary(rows, title, rtol, atol):
     """The counts, the first divergence and the introduced rows, as HTML."""
     counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
-    first = next((r for r in rows if r.verdict not in ("ok", "input")), None)
+    first = first_divergence(rows)
     introduced = [r.name for r in rows if r.verdict == "introduced"]
     parts = [f"<p><b>{esc(title)}</b>, rtol {rtol:g}, atol {atol:g}: " +
              ", ".join(f"{v} {n}" for v, n in counts.items() if n) + f" (of {len(rows)})</p>"]
@@ -77,13 +79,13 @@ def verdict_table(rows):
     """Every row, filterable by verdict; the first divergence has id first-divergence."""
     buttons = "".join(f'<button data-filter="{f}" onclick="show(\'{f}\')">{f}</button>'
                       for f in ("all", "not-ok", *VERDICTS))
-    first = next((r.name for r in rows if r.verdict not in ("ok", "input")), None)
+    first = getattr(first_divergence(rows), "name", None)
     lines = [f'<div class="filters">{buttons} <span><span id="shown">{len(rows)}</span> rows shown</span></div>',
              '<table id="verdicts"><thead><tr><th>#</th><th>name</th><th>shape</th><th>max abs</th><th>max rel</th>'
              '<th>verdict</th><th>worst / note</th></tr></thead><tbody>']
     for i, r in enumerate(rows):
         mark = ' id="first-divergence" class="first"' if r.name == first else ""
-        where = " ".join(f"{axis} {j}" for axis, j in r.where().items()) if r.verdict != "ok" else ""
+        where = r.where_text()
         note = "; ".join(x for x in (where, r.note) if x)
         lines.append(f'<tr data-verdict="{r.verdict}" data-name="{esc(r.name)}"{mark}><td class="num">{i}</td>'
                      f'<td>{esc(r.name)}</td><td>{esc(r.shape)}</td><td class="num">{number(r.max_abs)}</td>'

@@ -211,9 +211,10 @@ def check_finite(tensors):
                                   "weights must be finite")
 
 
-def is_small(name, tensor):
-    """Norms, biases and routers: converted at load whatever the budget (routers decide which experts run)."""
-    return tensor.ndim == 1 or name.endswith("router.layer.weight")
+def is_small(name):
+    """Norms, biases and routers (reference/names.py's float32 rows): converted at load whatever the budget (routers
+    decide which experts run)."""
+    return names.tensor_of(name).float32
 
 
 def place(tensors, dtype, max_memory=None, progress=None):
@@ -228,7 +229,7 @@ def place(tensors, dtype, max_memory=None, progress=None):
     if max_memory is None:
         max_memory = MEMORY_FRACTION * available if available is not None else float("inf")
     if needed > max_memory:
-        to_convert = {n for n in to_convert if is_small(n, tensors[n])}
+        to_convert = {n for n in to_convert if is_small(n)}
         needed = sum(tensors[n].size for n in to_convert) * dtype.itemsize
         limit = max_memory if available is None else min(max_memory, available)
         if needed > limit:

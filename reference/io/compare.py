@@ -19,6 +19,8 @@ import numpy as np
 
 from ..inputs import to_numpy
 
+VERDICTS = ("ok", "introduced", "inherited", "near-tie", "input", "missing")  # each as the module docstring says
+
 
 @dataclass
 class Divergence:
@@ -39,6 +41,10 @@ class Divergence:
     def where(self):
         """{axis name: index} of the worst error (axes_of)."""
         return dict(zip(axes_of(self.name, len(self.worst)), self.worst))
+
+    def where_text(self):
+        """Where the error is worst, e.g. "batch 1 head 3 query 7 key 0"; empty for a row that is ok."""
+        return " ".join(f"{axis} {i}" for axis, i in self.where().items()) if self.verdict != "ok" else ""
 
     def as_json(self):
         def number(x):
@@ -161,6 +167,12 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0, names=None, isolated=False):
     return next((r for r in rows if not r.ok), None), rows
 
 
+def first_divergence(rows):
+    """The first row that diverges: neither ok nor an input (inputs that differ are the port's choice, reported as
+    "input" and not followed), or None."""
+    return next((r for r in rows if r.verdict not in ("ok", "input")), None)
+
+
 def format_rows(rows, stop_at_first=False, show_all=True):
     """The table of compare() rows: the first row whose verdict is not ok marked '>>', where its error is worst and
     any note. stop_at_first: the table ends there; show_all=False: after it, only the rows that are not ok or
@@ -173,7 +185,7 @@ def format_rows(rows, stop_at_first=False, show_all=True):
             continue
         mark = ">>" if bad and not seen_divergence else "  "
         seen_divergence |= bad
-        where = " ".join(f"{axis} {i}" for axis, i in row.where().items()) if bad else ""
+        where = row.where_text()
         lines.append(f"{mark} {row.name:<46} {str(row.shape):<20} {row.max_abs:>9.2e} {row.max_rel:>9.2e}  "
                      f"{row.verdict:<10} {where}{'; ' if where and row.note else ''}{row.note}".rstrip())
         if stop_at_first and seen_divergence:
