@@ -31,6 +31,7 @@ from reference.io.compare import compare, first_divergence
 from reference.io.trace import capture, handling, like
 from reference.io.trace_files import Trace, TraceWriter
 from reference.losses import IGNORE_INDEX
+from reference.names import tensor_of
 from reference.training import value_and_grad
 
 from . import cli, debug
@@ -103,20 +104,16 @@ def hf_side(side, model_dir, ids, mask, aux):
 
 def param_anchor(key):
     """The gradient row after which the gradient of parameter `key` is computed (the op that consumes it)."""
-    if key == "lm_head.weight":
-        return "grad.logits"
-    if key == "model.norm.weight":
-        return "grad.norm"
-    if key == "model.embed_tokens.weight":
-        return "grad.embed_tokens"
-    match = re.match(r"model\.layers\.(\d+)\.(mlp|self_attention|input_layernorm|post_attention_layernorm)\.", key)
-    if match is None:
+    try:
+        place = tensor_of(key).place[0]  # where the model holds it (reference/names.py)
+    except ValueError:
         return None
-    layer, part = match.groups()
-    return {"mlp": f"grad.layers.{layer}.mlp.router.logits",
-            "self_attention": f"grad.layers.{layer}.attention.router.logits",
-            "input_layernorm": f"grad.layers.{layer}.input_layernorm",
-            "post_attention_layernorm": f"grad.layers.{layer}.post_attention_residual"}[part]
+    layer = re.match(r"model\.layers\.(\d+)\.", key)
+    if layer is None:
+        return {"lm_head": "grad.logits", "norm": "grad.norm", "embed_tokens": "grad.embed_tokens"}.get(place)
+    return f"grad.layers.{layer[1]}." + {"mlp": "mlp.router.logits", "attention": "attention.router.logits",
+                                         "input_layernorm": "input_layernorm",
+                                         "post_attention_layernorm": "post_attention_residual"}[place]
 
 
 def backward_order(names):
