@@ -174,7 +174,21 @@ def header_bytes(path, specs, metadata=None):
     return struct.pack("<Q", len(text)) + text
 
 
-class Writer:
+class StagedFile:
+    """A file written in stages, as a context manager: close() on success makes it, discard() on an error leaves
+    nothing behind."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class Writer(StagedFile):
     """Stream tensors into a safetensors file: the header comes from `specs` [(name, dtype, shape)], in the order
     the data will follow; then write(name, array) each tensor in that order. The file appears at `path` only when
     close() has checked that every tensor was written (until then it is `path`.partial). Memory: the caller's one
@@ -217,15 +231,6 @@ class Writer:
         """Leave nothing behind: the partial file is removed."""
         self._file.close()
         os.remove(self._partial)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *exc):
-        if kind is None:
-            self.close()
-        else:
-            self.discard()
 
 
 def write_safetensors(path, tensors, metadata=None):

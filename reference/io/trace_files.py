@@ -17,7 +17,7 @@ import numpy as np
 from .files import shown
 from ..inputs import to_numpy
 from .mapped import available_memory
-from .safetensors import BF16, Writer, code_of, read_safetensors
+from .safetensors import BF16, StagedFile, Writer, code_of, read_safetensors
 
 
 def step_prefix(step):
@@ -52,7 +52,7 @@ def load_with_metadata(path):
     return Trace([(n, tensors[n]) for n in names] + [(n, t) for n, t in tensors.items() if n not in known]), metadata
 
 
-class TraceWriter:
+class TraceWriter(StagedFile):
     """A handler that writes each traced tensor to a safetensors file as the forward produces it.
 
     A safetensors header (names, shapes, offsets) comes before the data and is known only at the end, so tensors
@@ -103,15 +103,6 @@ class TraceWriter:
     def discard(self):
         self._spool.close()
         os.remove(self._spool_path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *exc):
-        if kind is None:
-            self.close()
-        else:
-            self.discard()
 
 
 TRACE_FLOATS = ("bfloat16", "float32", "float64")  # the dtypes a trace is compared in, least precise first
