@@ -171,6 +171,18 @@ def test_trace_writer_writes_as_the_forward_goes(tiny, tmp_path):
     assert all(np.array_equal(loaded[n], captured[n]) for n in captured)
 
 
+def test_trace_writer_leaves_nothing_when_the_forward_fails(tiny, tmp_path):
+    path = tmp_path / "trace.safetensors"
+
+    def fail(name, value, frame):
+        raise RuntimeError("the port crashed")
+
+    with pytest.raises(RuntimeError, match="the port crashed"), TraceWriter(path) as writer, \
+            trace.handling(writer), trace.breakpoint("norm", fail):
+        tiny(**inputs(tiny))
+    assert os.listdir(tmp_path) == []  # neither the trace nor its spool
+
+
 # ----------------------------------------------------------------------------------------------- compare
 
 def test_dump_then_compare_the_file(tmp_path, capsys):
