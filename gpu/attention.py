@@ -1,5 +1,6 @@
 """Masked attention of the MoA layer on the GPU: the twin of reference/attention.py's attention_probs + attend,
-with reference/attention.py's additive_mask folded in.  Kernels: gpu/kernels/attention.cu.  Shapes: reference/__init__.py.
+with reference/attention.py's additive_mask folded in.  Kernels: gpu/kernels/attention.cu.
+Shapes: reference/__init__.py.
 
     attention(q, k, v, cache_position, attention_mask, top_k) -> context [B, T, K, H*Dh]
 

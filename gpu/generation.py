@@ -5,7 +5,8 @@ By default (graph=True) the prompt runs eagerly into a gpu.cache.StaticKVCache s
 every new token replays one CUDA graph of the whole decode step (gpu/graph.py). graph=False keeps the uncaptured
 path: model(...) over a gpu.cache.KVCache, each step's ops launched from Python. Their logits are bitwise equal
 while prompt + new tokens fit one decode key split (128 keys); beyond, the graph's split follows the capacity,
-graph=False's the keys so far, and the logits may differ in their last float32 bits (gpu/graph.py says why). The graph's own replays are bitwise reproducible. Each step copies the step's B token ids and positions
+graph=False's the keys so far, and the logits may differ in their last float32 bits (gpu/graph.py says why). The
+graph's own replays are bitwise reproducible. Each step copies the step's B token ids and positions
 to the device and the B greedy token ids (sampling: the [B, V] last logits) back to the host.
 """
 

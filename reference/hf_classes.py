@@ -148,7 +148,8 @@ class JetMoeForCausalLM(Pretrained):
                  output_hidden_states=False, output_router_logits=None, cache_position=None, logits_to_keep=0,
                  aux_loss="hf", saved=None):
         # input_ids: [B, T], labels: [B, T], the rest as JetMoeModel's -> MoeCausalLMOutputWithPast (logits
-        # [B, T_kept, V]); aux_loss: which load-balancing loss joins .loss (reference/losses.py: "hf", "per_router", "jetmoe")
+        # [B, T_kept, V]); aux_loss: which load-balancing loss joins .loss (reference/losses.py: "hf",
+        # "per_router", "jetmoe")
         # saved: None, or a dict that receives what model.backward needs (reference/training.py)
         config = self.config
         check_aux_loss(aux_loss)

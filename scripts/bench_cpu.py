@@ -7,8 +7,8 @@ prompt), then end-to-end greedy generation (`model.generate` against HF's `gener
 weights/jetmoe-tiny-shakespeare. Then one training step (forward and backward, `reference.value_and_grad` against
 torch autograd on HF's model, loss.backward()) on the bundled model at 16x256 in float32, with the per-router aux
 loss of its recipe, and the memory of each side's step: the peak RssAnon (sampled every 10 ms) above the process
-with its model loaded, in a fresh process per side (activations, gradients and workspace). Median of repeats; prints markdown tables of seconds and ratios (HF time / reference
-time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
+with its model loaded, in a fresh process per side (activations, gradients and workspace). Median of repeats;
+prints markdown tables of seconds and ratios (HF time / reference time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
 """
 
 import argparse
@@ -143,7 +143,8 @@ def machine_description(threads):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, {THREADS} reference threads; Python {platform.python_version()}, "
+    return (f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, {THREADS} reference threads; "
+            f"Python {platform.python_version()}, "
             f"NumPy {np.__version__}, torch {torch.__version__}, transformers {hf_oracle.transformers.__version__}")
 
 

@@ -40,12 +40,14 @@ def versions():
         except ImportError:
             out[name] = "not installed"
     props = cupy.cuda.runtime.getDeviceProperties(0)
-    out["device"] = f"{props['name'].decode()} (sm_{props['major']}{props['minor']}, {props['totalGlobalMem'] / 2**30:.0f} GiB)"
+    memory = props['totalGlobalMem'] / 2**30
+    out["device"] = f"{props['name'].decode()} (sm_{props['major']}{props['minor']}, {memory:.0f} GiB)"
     return out
 
 
 def run_parity(junit_path, backend):
-    # tests/gpu: the host logic and compile checks (tests/gpu/host) and the requires_gpu parity tests (tests/gpu/device);
+    # tests/gpu: the host logic and compile checks (tests/gpu/host) and the requires_gpu parity tests
+    # (tests/gpu/device);
     # on the emulator also cudasim's own tests
     folders = [os.path.join("tests", "gpu")] + ([os.path.join("tests", "cudasim")] if backend == "emulate" else [])
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", f"--junitxml={junit_path}", *folders]

@@ -78,7 +78,8 @@ def measure(model_dir):
     batch = np.stack(windows(validation_ids, context)[:LOAD_WINDOWS])  # [W, context]
     out = model.model(input_ids=batch, output_router_logits=True, use_cache=False)
     load = expert_load(out.router_logits, config.num_experts_per_tok)
-    return dict(model_dir=model_dir, log=log, config=config, loss=loss, count=count, baseline=baseline, samples=samples, share=share,
+    return dict(model_dir=model_dir, log=log, config=config, loss=loss, count=count, baseline=baseline,
+                samples=samples, share=share,
                 words=words, load=load, load_tokens=int(batch.size), context=context,
                 tokens=len(validation_ids), windows=len(windows(validation_ids, context)),
                 ascii=train_text.isascii() and validation_text.isascii())
@@ -148,7 +149,8 @@ def comparison_text(m, other):
              f"{other['seconds'] / 60:.1f} min, {other['threads']} threads"),
             ("seconds per step (evaluations included)", f"{mine['seconds'] / mine['steps']:.2f}",
              f"{other['seconds'] / other['steps']:.2f}"),
-            ("dead experts (validation)", f"{mine['dead']} of {mine['experts']}", f"{other['dead']} of {other['experts']}"),
+            ("dead experts (validation)", f"{mine['dead']} of {mine['experts']}",
+             f"{other['dead']} of {other['experts']}"),
             ("smallest expert load", f"{100 * mine['min_load']:.1f}%", f"{100 * other['min_load']:.1f}%")]
     table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
     numpy_side, torch_side = (mine, other) if other["trainer"] == TORCH_TRAINER else (other, mine)

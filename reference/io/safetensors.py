@@ -28,7 +28,8 @@ from . import files
 BF16 = np.dtype(ml_dtypes.bfloat16)  # the project's one bfloat16 dtype
 # safetensors code -> NumPy dtype, in the safetensors library's data order (its Dtype enum, largest first)
 DTYPES = {
-    "I64": np.dtype("<i8"), "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "I32": np.dtype("<i4"), "BF16": BF16, "F16": np.dtype("<f2"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "I64": np.dtype("<i8"), "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "I32": np.dtype("<i4"), "BF16": BF16,
+    "F16": np.dtype("<f2"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}  # NumPy dtype -> safetensors code

@@ -211,7 +211,8 @@ def test_graphed_decode_with_split_keys_matches_eager():
     heads, top_k = twin.config.num_key_value_heads, twin.config.num_experts_per_tok
     num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     plan = plan_attention(batch, top_k * heads, heads, 1, prompt + new, num_sms)
-    assert plan.kernel == "decode" and plan.num_splits > 1, "the capacity must split the keys for this test to mean much"
+    assert plan.kernel == "decode" and plan.num_splits > 1, \
+        "the capacity must split the keys for this test to mean much"
     ids = rng.integers(0, twin.config.vocab_size, size=(batch, prompt))
     mask = np.ones_like(ids)
     mask[0, :9] = 0  # left padding
