@@ -15,15 +15,11 @@ offline, and a live side runs on the file's inputs: its prompt, positions and ev
 forcing). --prompt is needed only when neither side is a file.
 
 Each row is one named tensor, in forward order: shape, max abs and max rel error (rel = max |a-b| / max |B|),
-the worst position and a verdict:
-  ok          within the tolerance
-  introduced  the error starts here: this op is wrong
-  inherited   (without --isolate) it diverges because something upstream did
-  near-tie    top-k choices differ only where the k-th and (k+1)-th router logits are within the tolerance
-  input       the sides ran on different inputs here (a live side follows the file's)
-With --isolate the reference recomputes every tensor from the other side's upstream tensors (each earlier trace
-point substituted by that side's value, its routing included), so each row is that op's own error and one run
-names every independent bug. The exit status is 1 when a row is introduced or inherited, else 0.
+the worst position and a verdict: ok, introduced, inherited, near-tie or input, as reference/io/compare.py
+defines them (a live side runs on the file's inputs). With --isolate the reference recomputes every tensor from
+the other side's upstream tensors (each earlier trace point substituted by that side's value, its routing
+included), so each row is that op's own error and one run names every independent bug. The exit status is 1
+when a row is introduced or inherited, else 0.
 """
 
 import bdb
@@ -44,7 +40,7 @@ from reference.generation import generate, positions_from_mask
 from reference.inputs import to_numpy
 from reference.io import files
 from reference.io import trace as tracing
-from reference.io.compare import compare, first_divergence, format_rows
+from reference.io.compare import VERDICTS, compare, first_divergence, format_rows
 from reference.io.trace import capture, handling, like, substitute
 from reference.io.trace_files import (TRACE_FLOATS, Trace, TraceWriter, check_trace_file, load_with_metadata,
                                       step_prefix)
@@ -401,7 +397,7 @@ def report(args, a, b, rows, forwards, notes, rtol, title, what):
     if args.html:
         write_html(args.html, rows, a.trace, b.trace, title, rtol, args.atol, notes,
                    f"{what}, in {'backward' if what == 'gradient' else 'forward'} order")
-    counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "introduced", "inherited", "near-tie", "input")}
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
     failed = counts["introduced"] + counts["inherited"] > 0
     if args.json:
         for row in rows:

@@ -140,7 +140,7 @@ def judge_routing(row, ours, theirs, rtol, atol):
 
 
 def compare(trace_a, trace_b, rtol=1e-5, atol=0.0, names=None, isolated=False):
-    """Compare two traces name by name: (the first row that is not ok, or None; the rows).
+    """Compare two traces name by name: (the first divergence (first_divergence), or None; the rows).
 
     names: the names to compare, in order, each in both traces. Default: trace_a's order, and a name in only one
     trace is a row with ok=False (verdict "missing"), so a missing intermediate is never silently skipped.
@@ -164,7 +164,7 @@ def compare(trace_a, trace_b, rtol=1e-5, atol=0.0, names=None, isolated=False):
     if names is None:
         rows += [Divergence(n, "missing in trace_a", float("nan"), float("nan"), False, (), "missing")
                  for n in trace_b if n not in trace_a]
-    return next((r for r in rows if not r.ok), None), rows
+    return first_divergence(rows), rows
 
 
 def first_divergence(rows):
@@ -174,20 +174,20 @@ def first_divergence(rows):
 
 
 def format_rows(rows, stop_at_first=False, show_all=True):
-    """The table of compare() rows: the first row whose verdict is not ok marked '>>', where its error is worst and
-    any note. stop_at_first: the table ends there; show_all=False: after it, only the rows that are not ok or
-    inherited (`jetmoe debug compare` without --all)."""
+    """The table of compare() rows: the first divergence (first_divergence) marked '>>', where each row's error is
+    worst and any note. stop_at_first: the table ends there; show_all=False: after it, only the rows that are not ok
+    or inherited (`jetmoe debug compare` without --all)."""
     lines = [f"   {'name':<46} {'shape':<20} {'max abs':>9} {'max rel':>9}  {'verdict':<10} worst / note"]
+    first = first_divergence(rows)
     seen_divergence = False
     for row in rows:
-        bad = row.verdict != "ok"
         if not show_all and seen_divergence and row.verdict in ("ok", "inherited"):
             continue
-        mark = ">>" if bad and not seen_divergence else "  "
-        seen_divergence |= bad
+        seen_divergence |= row is first
         where = row.where_text()
-        lines.append(f"{mark} {row.name:<46} {str(row.shape):<20} {row.max_abs:>9.2e} {row.max_rel:>9.2e}  "
-                     f"{row.verdict:<10} {where}{'; ' if where and row.note else ''}{row.note}".rstrip())
+        lines.append(f"{'>>' if row is first else '  '} {row.name:<46} {str(row.shape):<20} {row.max_abs:>9.2e} "
+                     f"{row.max_rel:>9.2e}  {row.verdict:<10} {where}{'; ' if where and row.note else ''}"
+                     f"{row.note}".rstrip())
         if stop_at_first and seen_divergence:
             break
     return "\n".join(lines)

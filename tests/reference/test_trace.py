@@ -111,3 +111,20 @@ def test_compare_names_missing_tensors_and_the_table_stops_at_the_first(rng):
     assert table[-1].startswith(f">> {gone} ") and "missing" in table[-1]
     assert len(table) == 1 + [r.name for r in rows].index(gone) + 1  # the header, the rows up to the first
     assert len(format_rows(rows).splitlines()) == 1 + len(rows)
+
+
+def test_inputs_that_differ_are_not_the_first_divergence(rng):
+    config = JetMoeConfig(**{**BASE, **MODEL_CONFIGS["E4_K2_H2"]})
+    model = JetMoeForCausalLM.from_random(config, seed=int(rng.integers(2**32)), dtype=np.float64)
+    with reference.capture() as captured:
+        model(input_ids=real_tokens(rng, config, (1, 4)))
+    trace_a = reference.Trace({"inputs.position_ids": np.arange(4)[None], **captured})  # as the debugger records
+    trace_b = reference.Trace({**trace_a, "inputs.position_ids": np.arange(1, 5)[None]})  # a port's other choice
+    floats = [n for n in captured if np.issubdtype(captured[n].dtype, np.floating) and np.any(captured[n])]
+    bad = floats[int(rng.integers(len(floats)))]
+    trace_b[bad] = trace_a[bad] * (1 + 1e-3)
+    first, rows = reference.compare(trace_a, trace_b)
+    assert first.name == bad and [r.verdict for r in rows if r.verdict != "ok"][:2] == ["input", "introduced"]
+    table = format_rows(rows, show_all=False).splitlines()
+    assert [line.split()[1] for line in table if line.startswith(">>")] == [bad]
+    assert any(line.split()[0] == "inputs.position_ids" for line in table)  # shown, not marked
