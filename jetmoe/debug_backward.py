@@ -160,6 +160,7 @@ def run_compare_backward(args):
             raise ValueError(f"{side.label}: --backward compares trace files, ref and hf (the GPU twin has no "
                              "backward)")
     debug.check_outputs(args, a, b, "gradient")
+    debug.check_files(args, (a, b))
     notes, forwards, kinds = [], None, {}
     files = [s for s in (a, b) if s.kind == "file"]
     for side in files:

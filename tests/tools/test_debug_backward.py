@@ -164,7 +164,11 @@ def test_bad_inputs_are_one_error_line(reference_dump, tmp_path, capsys):
     saved, metadata = load_with_metadata(reference_dump)  # generate's positions, from the mask: not a training forward
     saved["inputs.position_ids"] = positions_from_mask(saved["inputs.attention_mask"])
     save_file(dict(saved), str(tmp_path / "positions.safetensors"), metadata=metadata)
+    saved, metadata = load_with_metadata(reference_dump)  # an untrusted file is checked as the forward compare does
+    saved["grad.logits"] = saved["grad.logits"].astype(np.float16)
+    save_file(dict(saved), str(tmp_path / "half.safetensors"), metadata=metadata)
     for argv, message in (([forward_only, reference_dump], "holds no gradients (grad.*)"),
+                          ([tmp_path / "half.safetensors", "ref"], "tensor 'grad.logits' is float16"),
                           ([tmp_path / "positions.safetensors", "ref"], "inputs.position_ids are not 0..T-1"),
                           ([reference_dump, with_aux], "different losses: "),
                           ([reference_dump, other_input], "different inputs: inputs.input_ids")):
