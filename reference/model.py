@@ -161,11 +161,6 @@ def block_from_leaves(leaves):
                         **fields["block"])
 
 
-def block_names(i):
-    # -> BlockWeights of layer i's HF tensor names (without "model.")
-    return block_from_leaves([t.name(i) for t in BLOCK_TENSORS])
-
-
 def block_weights(tensors, i):
     # tensors: HF names without "model." -> BlockWeights of layer i
     return block_from_leaves([tensors[t.name(i)] for t in BLOCK_TENSORS])

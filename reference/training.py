@@ -15,7 +15,8 @@ from .io import trace
 from .io.mapped import THREADS, map_threads
 from .losses import (IGNORE_INDEX, aux_mask, causal_lm_loss_backward, causal_lm_losses, check_aux_loss,
                      next_token_labels, router_aux_loss_backward)
-from .model import backward, block_leaves, block_names
+from .model import backward, block_leaves
+from .names import BLOCK_TENSORS
 
 
 def value_and_grad(model, input_ids, labels, attention_mask=None, output_router_logits=False, aux_loss="hf"):
@@ -94,7 +95,7 @@ def named_grads(model, saved, d_logits, d_router_logits):
                                                     model.lm_head, config)
     grads = {"model.norm.weight": d_norm, "model.embed_tokens.weight": d_embed}
     for i, d_layer in enumerate(d_layers):
-        grads.update(("model." + name, g) for name, g in zip(block_leaves(block_names(i)), block_leaves(d_layer)))
+        grads.update(("model." + t.name(i), g) for t, g in zip(BLOCK_TENSORS, block_leaves(d_layer)))
     if config.tie_word_embeddings:
         d_embed += d_lm_head  # one shared parameter: autograd sums its two uses
     else:

@@ -1,5 +1,5 @@
 """The one table of tensor names (reference/names.py): it covers a real checkpoint, and the four views derived from
-it (model.py's BlockWeights and block_names, io/checkpoint.py's shapes, counting.py's parts, gpu/model.py's
+it (model.py's BlockWeights and block_weights, io/checkpoint.py's shapes, counting.py's parts, gpu/model.py's
 FLOAT32_ALWAYS) agree with it, so a tensor added in one place only fails here."""
 
 import dataclasses
@@ -12,7 +12,7 @@ from reference import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassifi
 from reference.counting import part_of
 from reference.io import checkpoint
 from reference.io.checkpoint import all_parameter_shapes, base_parameter_shapes, read_checkpoint_tensors
-from reference.model import BlockWeights, ExpertWeights, block_leaves, block_names, block_weights
+from reference.model import BlockWeights, ExpertWeights, block_from_leaves, block_leaves, block_weights
 from reference.names import BASE_TENSORS, BLOCK_TENSORS, HEAD_TENSORS, tensor_of
 from tests.paths import TINY_MODEL
 
@@ -64,9 +64,10 @@ def test_block_weights_hold_every_tensor_where_the_table_says():
     fields += [(part, f.name) for part in ("attention", "mlp") for f in dataclasses.fields(ExpertWeights)
                if (part, f.name) != ("mlp", "kv_proj")]  # the MoE has no kv_proj
     assert sorted(t.place for t in BLOCK_TENSORS) == sorted(fields)
-    assert block_leaves(block_names(1)) == [t.name(1) for t in BLOCK_TENSORS]
+    names = [t.name(1) for t in BLOCK_TENSORS]
+    assert block_leaves(block_from_leaves(names)) == names
     tensors = {n: np.zeros(s) for n, s in base_parameter_shapes(CONFIG).items()}
-    assert all(a is tensors[n] for a, n in zip(block_leaves(block_weights(tensors, 1)), block_leaves(block_names(1))))
+    assert all(a is tensors[n] for a, n in zip(block_leaves(block_weights(tensors, 1)), names))
     for cls in (JetMoeForCausalLM, JetMoeForSequenceClassification):
         model = cls.from_random(CONFIG)
         state = model.state_dict()
