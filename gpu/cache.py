@@ -31,7 +31,7 @@ count to the capacity; get_seq_length() (a device read that syncs, so not for a 
 import numpy as np
 
 from reference.cache import KVCacheBase
-from reference.io.mapped import BF16
+from reference.io.safetensors import BF16
 
 from .device import require_cupy
 from .kernels import kernel
@@ -45,7 +45,7 @@ NULL = np.uint64(0)
 
 
 def storage_dtype(dtype):
-    """float32 -> float32; bfloat16 (reference.io.mapped.BF16, 'bfloat16' or uint16 bits) -> uint16 holding bf16
+    """float32 -> float32; bfloat16 (reference.io.safetensors.BF16, 'bfloat16' or uint16 bits) -> uint16 holding bf16
     bits."""
     dt = BF16 if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype)
     if dt == np.float32:

@@ -20,7 +20,7 @@ from reference import hf_classes
 from reference.config import JetMoeConfig
 from reference.io import trace
 from reference.io.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
-from reference.io.mapped import BF16
+from reference.io.safetensors import BF16
 from reference.model import block_weights
 from reference.names import BASE_TENSORS, BLOCK_TENSORS, HEAD_TENSORS
 from reference.norm import BLOCK_NORM_EPS
@@ -41,7 +41,7 @@ HEAD_NAMES = {t.name() for rows in HEAD_TENSORS.values() for t in rows}  # lm_he
 
 
 def weight_dtype(dtype):
-    """np.dtype float32 or bfloat16 from np.float32, "float32", a bfloat16 dtype (reference.io.mapped.BF16) or
+    """np.dtype float32 or bfloat16 from np.float32, "float32", a bfloat16 dtype (reference.io.safetensors.BF16) or
     "bfloat16"."""
     name = "bfloat16" if isinstance(dtype, str) and dtype == "bfloat16" else np.dtype(dtype).name
     if name not in WEIGHT_DTYPES:

@@ -33,7 +33,6 @@ import signal
 import sys
 import time
 
-import ml_dtypes
 import numpy as np
 import tokenizers
 from tqdm import tqdm
@@ -42,7 +41,7 @@ from reference import AdamW, JetMoeConfig, JetMoeForCausalLM, clip_grad_norm, co
 from reference.io import files
 from reference.io.checkpoint import write_checkpoint
 from reference.io.mapped import THREADS
-from reference.io.safetensors import SafetensorsError, read_safetensors, write_safetensors
+from reference.io.safetensors import BF16, SafetensorsError, read_safetensors, write_safetensors
 from reference.io.tokenizer import Tokenizer
 from reference.losses import AUX_LOSSES, causal_lm_loss
 from reference.routing import expert_load
@@ -356,7 +355,7 @@ def save_checkpoint(run, out_dir):
 def save_model(run, out_dir, load):
     """The trained model as HF ships checkpoints (bfloat16 weights), with its tokenizer, log and plots."""
     config = dataclasses.replace(run.model.config, extra={**run.model.config.extra, "dtype": "bfloat16"})
-    write_checkpoint(out_dir, config, {name: np.asarray(t).astype(ml_dtypes.bfloat16)
+    write_checkpoint(out_dir, config, {name: np.asarray(t).astype(BF16)
                                        for name, t in run.model.state_dict().items()})
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(run.tokenizer_json)

@@ -28,7 +28,8 @@ from .config import JetMoeConfig
 from .hf_classes import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
 from .io.checkpoint import CheckpointError
 from .io.compare import compare
-from .io.trace import Trace, breakpoint, capture, steps, substitute
+from .io.trace import breakpoint, capture, steps, substitute
+from .io.trace_files import Trace
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .training import value_and_grad
 

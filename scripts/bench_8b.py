@@ -39,7 +39,7 @@ def active_bf16_bytes(config):
 def machine_limit():
     """(copy GB/s, bf16 -> float32 conversion GB/s of bf16, the same into decode blocks GB/s of bf16), each the best
     of 3 over 1 GiB on THREADS threads. The block rate is what a decode step's conversion can reach: each thread
-    converts DECODE_BLOCK_BYTES of float32 at a time into its reused buffer (weights.converted)."""
+    converts DECODE_BLOCK_BYTES of float32 at a time into its reused buffer (reference/io/mapped.py's converted)."""
     from concurrent.futures import ThreadPoolExecutor
     from reference.io.mapped import DECODE_BLOCK_BYTES, convert, converted
     import ml_dtypes

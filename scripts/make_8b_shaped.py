@@ -33,7 +33,7 @@ try:
 
     from reference.config import JetMoeConfig
     from reference.io.checkpoint import base_parameter_shapes, is_norm_weight
-    from reference.io.mapped import BF16
+    from reference.io.safetensors import BF16
     from reference.io.safetensors import Writer
 except ImportError as error:  # the machine's python3, not the project's environment
     sys.exit(f"error: {error}: run it with the project's environment: make 8b-shaped (or .venv/bin/python "

@@ -2,7 +2,7 @@
 
 - reference/ (the semantics): numpy, safetensors, ml_dtypes, tokenizers, the standard library and itself;
 - gpu/ (the CuPy twin): reference, cupy, cudasim, numpy, the standard library and itself (bf16 via
-  reference.io.mapped.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
+  reference.io.safetensors.BF16); cupy and cudasim only in gpu/device.py, whose require_cupy() hands out one of them;
 - cudasim/ (the CPU execution backend for CUDA C++): numpy, the standard library and itself (it knows no JetMoE);
 - notebooks/*.ipynb never import jetmoe (the command-line package): they walk through reference/ and gpu/;
 - no import cycle among the project's modules (reference, gpu, cudasim, jetmoe), imports inside functions included.

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from reference.io.mapped import BF16
+from reference.io.safetensors import BF16
 import reference.routing
 from reference.routing import softmax
 

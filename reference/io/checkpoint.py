@@ -9,14 +9,13 @@ Notebook: notebooks/05_the_whole_model.ipynb.
 
 import os
 
-import ml_dtypes
 import numpy as np
 
 from . import files
 from .. import names
 from ..config import JetMoeConfig
 from .mapped import MEMORY_FRACTION, MappedWeight, available_memory, convert
-from .safetensors import SafetensorsError, read_safetensors, write_safetensors
+from .safetensors import BF16, SafetensorsError, read_safetensors, write_safetensors
 
 SUPPORTED_MODEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 HEAD_TENSORS = {head: tuple(t.name() for t in rows) for head, rows in names.HEAD_TENSORS.items()}  # head -> names
@@ -128,12 +127,12 @@ def _read_checkpoint_tensors(path):
                                   f"{files.shown(name)}: {files.shown(shard)}")
         by_shard.setdefault(shard, []).append(name)
     tensors = {}
-    for shard, names in sorted(by_shard.items()):
+    for shard, shard_names in sorted(by_shard.items()):
         shard_path = files.inside(path, shard)
         if not files.present(shard_path):
             raise CheckpointError(f"{index} lists shard {files.shown(shard)}, which is missing")
         shard_tensors = read_safetensors(shard_path)
-        for name in names:
+        for name in shard_names:
             if name not in shard_tensors:
                 raise CheckpointError(f"{index} puts tensor {files.shown(name)} in {files.shown(shard)}, which does "
                                       "not contain it")
@@ -180,7 +179,7 @@ def select_tensors(tensors, config, head, dtype, max_memory=None, progress=None)
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(tensors[name].shape)} in the checkpoint, "
                                   f"the config needs {list(shape)}")
-        if not np.issubdtype(tensors[name].dtype, np.floating) and tensors[name].dtype != ml_dtypes.bfloat16:
+        if not np.issubdtype(tensors[name].dtype, np.floating) and tensors[name].dtype != BF16:
             raise CheckpointError(f"tensor {name!r} has non-float dtype {tensors[name].dtype}")
     converted = place({name: tensors[name] for name in expected}, dtype, max_memory, progress)
     if tied:
