@@ -22,7 +22,7 @@ from reference.io import trace
 from reference.io.checkpoint import check_finite, read_checkpoint_tensors, select_tensors
 from reference.io.safetensors import BF16
 from reference.model import block_weights
-from reference.names import BASE_TENSORS, BLOCK_TENSORS, HEAD_TENSORS
+from reference.names import BASE_TENSORS, BLOCK_TENSORS
 from reference.norm import BLOCK_NORM_EPS
 
 from .attention import moa
@@ -37,7 +37,6 @@ WEIGHT_DTYPES = ("float32", "bfloat16")
 # Name endings of the tensors kept float32 in bf16 mode (reference/names.py): small, and routers decide which
 # experts run.
 FLOAT32_ALWAYS = tuple(t.suffix for t in (*BASE_TENSORS, *BLOCK_TENSORS) if t.float32)
-HEAD_NAMES = {t.name() for rows in HEAD_TENSORS.values() for t in rows}  # lm_head.weight, score.weight
 
 
 def weight_dtype(dtype):
@@ -125,12 +124,7 @@ class _Pretrained:
     @classmethod
     def from_reference(cls, model, dtype=np.float32):
         """The same weights as a reference model (tests compare the two)."""
-        state = model.state_dict()
-        base = {n[len("model."):] if n.startswith("model.") else n: t for n, t in state.items()}
-        head = {n: t for n, t in base.items() if n in HEAD_NAMES}
-        if cls.head == "causal_lm" and "lm_head.weight" not in head:
-            head["lm_head.weight"] = base["embed_tokens.weight"]
-        base = {n: t for n, t in base.items() if n not in head}
+        base, head = select_tensors(model.state_dict(), model.config, cls.head, model.dtype)  # views, not copies
         return cls(model.config, base, head, dtype=dtype)
 
     # The reference's savers would meet device arrays (bf16 ones as raw bits): refused with a way out instead.
