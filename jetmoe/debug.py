@@ -200,19 +200,24 @@ def live_trace(side, model, model_dir, forwards):
     return trace
 
 
+def isolating(other, trace, keeps_own=lambda name: False):
+    """A handler recording the reference's value of each trace point into `trace`, then going on with `other`'s
+    value where it has one of the same shape, so each later op reads the other side's inputs. The inputs (inputs.*)
+    and the names keeps_own(name) accepts keep the reference's value."""
+    def isolate(name, value, frame):
+        trace[name] = np.array(value, copy=True)
+        theirs = other.get(name)
+        if theirs is None or np.shape(theirs) != np.shape(value) or ".inputs." in f".{name}" or keeps_own(name):
+            return value
+        return like(theirs, value, name)
+    return isolate
+
+
 def isolated_trace(model, forwards, other):
     """The reference's trace where every trace point's input is the other side's: each tensor is recorded as the
     reference computes it, then replaced by the other side's value (same shape) before the forward goes on."""
     trace = Trace()
-
-    def isolate(name, value, frame):
-        trace[name] = value.copy()
-        theirs = other.get(name)
-        if theirs is None or tuple(np.shape(theirs)) != tuple(value.shape) or ".inputs." in f".{name}":
-            return value
-        return like(theirs, value, name)
-
-    with handling(isolate):
+    with handling(isolating(other, trace)):
         run_forwards(model, forwards)
     return trace
 

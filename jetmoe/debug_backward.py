@@ -28,7 +28,7 @@ import numpy as np
 
 from reference.io import trace as tracing
 from reference.io.compare import compare, first_divergence
-from reference.io.trace import capture, handling, like
+from reference.io.trace import capture, handling
 from reference.io.trace_files import Trace, TraceWriter
 from reference.losses import IGNORE_INDEX
 from reference.names import tensor_of
@@ -76,18 +76,10 @@ def traced_backward(model, ids, mask, aux):
     return loss
 
 
-def isolating(other, trace):
-    """A handler recording the reference's value of each trace point into `trace`, then going on with `other`'s
-    value: the forward's activations and every upstream gradient (not the inputs, the loss or a parameter's
-    gradient, which nothing downstream reads)."""
-    def isolate(name, value, frame):
-        trace[name] = np.array(value, copy=True)
-        theirs = other.get(name)
-        if theirs is None or tuple(np.shape(theirs)) != tuple(np.shape(value)) or name.startswith(("inputs.", PARAM)) \
-                or name == "loss":
-            return value
-        return like(theirs, value, name)
-    return isolate
+def read_by_nothing(name):
+    """The trace points of a backward that no later op reads (the loss, a parameter's gradient): --isolate keeps
+    the reference's value there and takes the other side's forward activations and upstream gradients."""
+    return name == "loss" or name.startswith(PARAM)
 
 
 def hf_side(side, model_dir, ids, mask, aux):
@@ -200,7 +192,7 @@ def run_compare_backward(args):
                 traced_backward(model, ids, mask, aux)
     if args.isolate:
         reference_side.trace = Trace()
-        with handling(isolating(subject.trace, reference_side.trace)):
+        with handling(debug.isolating(subject.trace, reference_side.trace, read_by_nothing)):
             traced_backward(model, ids, mask, aux)
     rtol = debug.tolerance(args, a, b)
     shared = debug.shared_names(a, b, reference_side)
