@@ -1,8 +1,9 @@
 """JetMoE's tensors, in one table: each checkpoint tensor's HF name, its place in the model, shape and role.
 
 Shapes: in the legend's symbols (reference/__init__.py). A block's tensor names are spelled here only: model.py
-(BlockWeights, block_weights and block_leaves), io/checkpoint.py (the shapes a checkpoint must have), counting.py (the part each
-parameter counts in) and gpu/model.py (what stays float32 in its bf16 mode) derive theirs from it;
+(BlockWeights, block_weights and block_leaves), io/checkpoint.py (the shapes a checkpoint must have),
+counting.py (the part each parameter counts in) and gpu/model.py (what stays float32 in its bf16 mode) derive
+theirs from it;
 tests/reference/test_names.py checks that they agree and that the table covers a real checkpoint.
 """
 

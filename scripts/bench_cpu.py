@@ -8,7 +8,8 @@ weights/jetmoe-tiny-shakespeare. Then one training step (forward and backward, `
 torch autograd on HF's model, loss.backward()) on the bundled model at 16x256 in float32, with the per-router aux
 loss of its recipe, and the memory of each side's step: the peak RssAnon (sampled every 10 ms) above the process
 with its model loaded, in a fresh process per side (activations, gradients and workspace). Median of repeats;
-prints markdown tables of seconds and ratios (HF time / reference time: above 1 means the reference is faster). Needs the oracle extra (torch, transformers).
+prints markdown tables of seconds and ratios (HF time / reference time: above 1 means the reference is faster).
+Needs the oracle extra (torch, transformers).
 """
 
 import argparse
